@@ -1,0 +1,104 @@
+"""`python -m models`: the model pipeline from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+from models.train import TrainConfig
+from settings import get_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    settings = get_settings()
+    parser = argparse.ArgumentParser(
+        prog="python -m models", description="KubeSentiment model pipeline."
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=settings.data_dir,
+        help="cache of the downloaded data (env DATA_DIR)",
+    )
+    parser.add_argument(
+        "--name",
+        default=settings.model_name,
+        help="model name in the BentoML store (env MODEL_NAME)",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="use only the first N movie sentences (smoke runs)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("data", help="download the rated sentences and print the split")
+
+    build = sub.add_parser(
+        "build",
+        help="train, export, quantise, evaluate and register the default model; "
+        "skipped when the store already holds it (what `make model` runs)",
+    )
+    defaults = TrainConfig()
+    build.add_argument("--epochs", type=int, default=defaults.epochs)
+    build.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    build.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    build.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
+    build.add_argument("--force", action="store_true", help="build even if the store has it")
+
+    imp = sub.add_parser("import", help="export, evaluate and register a model you bring")
+    imp.add_argument("source", help="a local Hugging Face folder, or a hub id")
+
+    evaluate = sub.add_parser("evaluate", help="metrics per back end of a stored model")
+    evaluate.add_argument("tag", nargs="?", default=None, help="name:version (default: latest)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from models import data, pipeline, store
+
+    try:
+        if args.command == "data":
+            splits = data.load_splits(args.data_dir, limit=args.limit)
+            print(
+                json.dumps(
+                    {
+                        "train": len(splits.train),
+                        "validation": len(splits.validation),
+                        "test": len(splits.test),
+                        "fingerprint": splits.fingerprint(),
+                    }
+                )
+            )
+        elif args.command == "build":
+            if args.epochs < 1 or args.batch_size < 1 or args.learning_rate <= 0:
+                raise ValueError("--epochs, --batch-size and --learning-rate must be positive")
+            config = TrainConfig(
+                epochs=args.epochs,
+                learning_rate=args.learning_rate,
+                batch_size=args.batch_size,
+                max_steps=args.max_steps,
+            )
+            stored = pipeline.build(args.name, args.data_dir, config, args.limit, args.force)
+            print(stored.tag)
+        elif args.command == "import":
+            stored = pipeline.import_model(args.source, args.name, args.data_dir, args.limit)
+            print(stored.tag)
+        elif args.command == "evaluate":
+            from models.evaluate import evaluate
+
+            stored = store.get(args.tag or args.name)
+            splits = data.load_splits(args.data_dir, limit=args.limit)
+            print(json.dumps(evaluate(stored, splits.test), indent=2))
+    except (pipeline.ModelSourceError, LookupError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

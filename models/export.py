@@ -1,0 +1,77 @@
+"""ONNX export, graph optimisation and int8 quantisation of a fine-tuned classifier.
+
+The exported graph takes input_ids and attention_mask with dynamic batch and sequence axes and
+returns logits, so the runners can feed length-grouped batches of any shape.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.transformers.optimizer import optimize_model
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+FP32_FILE = "model.onnx"
+INT8_FILE = "model-int8.onnx"
+OPSET = 17
+
+
+class _LogitsOnly(torch.nn.Module):
+    """Hugging Face models return a dict-like output; ONNX wants plain tensors."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def export_onnx(hf_dir: Path, out_dir: Path) -> tuple[Path, Path]:
+    """Write the fp32 model (ORT-optimised, fused attention) and its int8 twin into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForSequenceClassification.from_pretrained(hf_dir)
+    wrapper = _LogitsOnly(model).eval()  # eval() on the wrapper too, or dropout stays on
+    sample = torch.ones(2, 16, dtype=torch.long)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        torch.onnx.export(
+            wrapper,
+            (sample, sample),
+            str(raw),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "sequence"},
+                "logits": {0: "batch"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        config = AutoConfig.from_pretrained(hf_dir)
+        optimized = optimize_model(
+            str(raw),
+            model_type="bert",
+            num_heads=config.num_attention_heads,
+            hidden_size=config.hidden_size,
+        )
+        fp32 = out_dir / FP32_FILE
+        optimized.save_model_to_file(str(fp32))
+    int8 = out_dir / INT8_FILE
+    # Fused attention ops defeat ONNX shape inference; every untyped tensor here is float.
+    quantize_dynamic(
+        fp32,
+        int8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    for path in (fp32, int8):  # fail here, not in the service, if a graph does not load
+        onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return fp32, int8

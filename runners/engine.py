@@ -1,0 +1,166 @@
+"""The one pre/post-processing path every back end shares: tokenise, cut long texts into
+overlapping windows, group windows of similar length into batches, score, and fold window
+scores back into one answer per text.
+
+Both the HTTP service, the runner services and the Kafka worker call `SentimentEngine.predict`,
+so a text gets the same score whichever door it came through.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer
+
+from models.store import StoredModel
+from settings import Backend as BackendName
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+
+
+class Backend(Protocol):
+    """Anything that turns a padded batch of token ids into logits."""
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
+
+
+class OnnxBackend:
+    def __init__(self, model_file: Path, threads: int) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        self.session = onnxruntime.InferenceSession(
+            str(model_file), options, providers=["CPUExecutionProvider"]
+        )
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        (logits,) = self.session.run(
+            ["logits"], {"input_ids": input_ids, "attention_mask": attention_mask}
+        )
+        return np.asarray(logits)
+
+
+class TorchBackend:
+    def __init__(self, hf_dir: Path, threads: int) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            out = self.model(
+                input_ids=self.torch.from_numpy(input_ids),
+                attention_mask=self.torch.from_numpy(attention_mask),
+            ).logits
+        return out.numpy()
+
+
+BatchObserver = Callable[[int, int], None]
+"""Called once per inference batch with (rows, tokens), for metrics."""
+
+
+class SentimentEngine:
+    def __init__(
+        self,
+        tokenizer_file: Path,
+        backend: Backend,
+        labels: Sequence[str],
+        max_length: int,
+        max_batch_size: int = 64,
+        stride: int = 32,
+        observe_batch: BatchObserver | None = None,
+    ) -> None:
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.tokenizer.no_padding()
+        # Windows of max_length tokens; consecutive windows share `stride` tokens of context.
+        self.tokenizer.enable_truncation(max_length=max_length, stride=stride)
+        self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
+        self.backend = backend
+        self.labels = list(labels)
+        self.max_batch_size = max_batch_size
+        self.observe_batch = observe_batch
+
+    def windows(self, texts: Sequence[str]) -> tuple[list[Encoding], list[int]]:
+        """Every window of every text, and for each window the index of its text."""
+        windows: list[Encoding] = []
+        owners: list[int] = []
+        for i, encoding in enumerate(self.tokenizer.encode_batch(list(texts))):
+            for window in (encoding, *encoding.overflowing):
+                windows.append(window)
+                owners.append(i)
+        return windows, owners
+
+    def probabilities(self, windows: Sequence[Encoding]) -> np.ndarray:
+        """Class probabilities per window, scored in batches of similar length."""
+        lengths = np.array([len(w.ids) for w in windows])
+        order = np.argsort(lengths, kind="stable")
+        probs = np.empty((len(windows), len(self.labels)), dtype=np.float32)
+        for start in range(0, len(order), self.max_batch_size):
+            idx = order[start : start + self.max_batch_size]
+            width = int(lengths[idx].max())
+            input_ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)
+            attention_mask = np.zeros((len(idx), width), dtype=np.int64)
+            for row, i in enumerate(idx):
+                ids = windows[i].ids
+                input_ids[row, : len(ids)] = ids
+                attention_mask[row, : len(ids)] = 1
+            logits = self.backend.logits(input_ids, attention_mask).astype(np.float32)
+            shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs[idx] = shifted / shifted.sum(axis=1, keepdims=True)
+            if self.observe_batch is not None:
+                self.observe_batch(len(idx), int(attention_mask.sum()))
+        return probs
+
+    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+        if not texts:
+            return []
+        windows, owners = self.windows(texts)
+        window_probs = self.probabilities(windows)
+        # A long text's answer is the token-weighted mean over its windows.
+        weights = np.array([len(w.ids) for w in windows], dtype=np.float32)
+        totals = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        np.add.at(totals, owners, window_probs * weights[:, None])
+        totals /= totals.sum(axis=1, keepdims=True)
+        best = totals.argmax(axis=1)
+        return [Prediction(self.labels[int(b)], float(totals[i, b])) for i, b in enumerate(best)]
+
+
+def load_engine(
+    model: StoredModel,
+    backend: BackendName,
+    threads: int,
+    max_batch_size: int = 64,
+    observe_batch: BatchObserver | None = None,
+) -> SentimentEngine:
+    """The engine for one stored model and one back end, configured from its metadata."""
+    scorer: Backend
+    if backend == "pytorch":
+        scorer = TorchBackend(model.pytorch_dir, threads)
+    else:
+        scorer = OnnxBackend(model.onnx_file(quantized=backend == "onnx-int8"), threads)
+    return SentimentEngine(
+        model.tokenizer_file,
+        scorer,
+        labels=model.metadata["labels"],
+        max_length=model.metadata["max_length"],
+        max_batch_size=max_batch_size,
+        observe_batch=observe_batch,
+    )

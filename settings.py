@@ -1,0 +1,58 @@
+"""One typed home for every knob: values come from environment variables (or a .env file in
+development), are validated once at start-up, and are documented in the README."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Backend = Literal["onnx-int8", "onnx-fp32", "pytorch"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    # Model pipeline
+    data_dir: Path = Field(
+        default=Path.home() / ".cache" / "kubesentiment",
+        description="Where the downloaded training data is cached (never committed).",
+    )
+    model_name: str = Field(default="sentiment", description="Model name in the BentoML store.")
+    model_tag: str = Field(
+        default="latest", description="Version of the model to serve, or 'latest'."
+    )
+
+    # Inference
+    backend: Backend = Field(default="onnx-int8", description="Back end that scores texts.")
+    inference_threads: int = Field(default=2, ge=1, description="Threads for torch / ONNX Runtime.")
+    max_batch_size: int = Field(default=64, ge=1, description="Largest inference batch.")
+    max_latency_ms: int = Field(
+        default=2000, ge=1, description="Batching deadline of the runner services."
+    )
+
+    # HTTP API limits
+    max_text_chars: int = Field(default=20_000, ge=1, description="Longest accepted text.")
+    max_batch_texts: int = Field(default=256, ge=1, description="Texts per sync batch request.")
+    max_job_texts: int = Field(default=100_000, ge=1, description="Texts per async batch job.")
+    max_queued_texts: int = Field(
+        default=4096, ge=1, description="Interactive texts waiting before new ones get 503."
+    )
+    jobs_db: Path = Field(
+        default=Path("kubesentiment-jobs.db"), description="SQLite file of async batch jobs."
+    )
+
+    # Kafka worker
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_input_topic: str = "sentiment-requests"
+    kafka_output_topic: str = "sentiment-results"
+    kafka_dlq_topic: str = "sentiment-dlq"
+    kafka_group_id: str = "sentiment-worker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

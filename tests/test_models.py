@@ -1,0 +1,164 @@
+"""The model pipeline end to end on small data: data, train, export, quantise, store, load,
+predict; parity between back ends; clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from models.data import load_splits
+from models.pipeline import ModelSourceError, build, import_model
+from models.store import get
+from runners.engine import load_engine
+from tests.conftest import SMALL_CONFIG, SMALL_LIMIT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "models", *args],
+        cwd=ROOT,
+        env=os.environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_split_is_seeded_disjoint_and_movie_only_where_held_out(data_dir: Path) -> None:
+    first, second = load_splits(data_dir), load_splits(data_dir)
+    assert first.fingerprint() == second.fingerprint()
+    assert len(first.test) == len(first.validation) > 1000
+    held_out = {e.text for e in first.test + first.validation}
+    assert not held_out & {e.text for e in first.train}
+    assert not {e.text for e in first.test} & {e.text for e in first.validation}
+    assert 0.4 < np.mean([e.label for e in first.test]) < 0.6
+    assert load_splits(data_dir, seed=99).fingerprint() != first.fingerprint()
+
+
+def test_build_registers_every_back_end_with_metadata(small_model) -> None:
+    meta = small_model.metadata
+    assert meta["labels"] == ["NEGATIVE", "POSITIVE"]
+    assert meta["max_length"] == 128
+    assert set(meta["metrics"]) == {"pytorch", "onnx-fp32", "onnx-int8"}
+    for metrics in meta["metrics"].values():
+        assert 0 <= metrics["accuracy"] <= 1
+        assert (
+            sum(map(sum, metrics["confusion_matrix"]["rows_true_cols_predicted"]))
+            == (meta["test_examples"])
+        )
+    assert meta["data_hash"] and meta["recipe"] and meta["command"].startswith("python -m models")
+    assert (small_model.pytorch_dir / "model.safetensors").exists()
+    assert small_model.onnx_file(quantized=True).stat().st_size < (
+        small_model.onnx_file(quantized=False).stat().st_size / 2
+    )
+    listing = subprocess.run(
+        [Path(sys.executable).parent / "bentoml", "models", "list", "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ,
+    )
+    assert small_model.tag in {m["tag"] for m in json.loads(listing.stdout)}
+
+
+def test_second_build_reuses_the_stored_model(small_model, data_dir: Path) -> None:
+    started = time.monotonic()
+    again = build("sentiment", data_dir, SMALL_CONFIG, limit=SMALL_LIMIT)
+    assert again.tag == small_model.tag
+    assert time.monotonic() - started < 60  # no training happened (training alone is longer)
+
+
+def test_store_round_trip_loads_and_predicts(small_model) -> None:
+    loaded = get(small_model.tag)
+    assert loaded.metadata == small_model.metadata
+    assert get("sentiment").tag == small_model.tag  # bare name means latest
+    engine = load_engine(loaded, "onnx-int8", threads=1)
+    predictions = engine.predict(["I love this movie", "This was a terrible waste of time."])
+    assert [p.label in {"POSITIVE", "NEGATIVE"} for p in predictions] == [True, True]
+    assert all(0.5 <= p.score <= 1 for p in predictions)
+
+
+def test_missing_model_names_the_fix() -> None:
+    with pytest.raises(LookupError, match="make model"):
+        get("no-such-model:abc")
+
+
+def test_onnx_back_ends_agree_with_pytorch(small_model, data_dir: Path) -> None:
+    texts = [e.text for e in load_splits(data_dir, limit=SMALL_LIMIT).test]
+    scores = {}
+    for backend in ("pytorch", "onnx-fp32", "onnx-int8"):
+        engine = load_engine(small_model, backend, threads=2)
+        scores[backend] = np.array(
+            [p.score if p.label == "POSITIVE" else 1 - p.score for p in engine.predict(texts)]
+        )
+    assert np.max(np.abs(scores["onnx-fp32"] - scores["pytorch"])) < 1e-3
+    assert np.max(np.abs(scores["onnx-int8"] - scores["pytorch"])) < 0.05
+
+
+def test_engine_tokenises_like_transformers(small_model) -> None:
+    engine = load_engine(small_model, "onnx-int8", threads=1)
+    reference = AutoTokenizer.from_pretrained(small_model.pytorch_dir)
+    text = "Effective but too tepid biopic, with a wonderful cast."
+    windows, owners = engine.windows([text])
+    assert owners == [0]
+    assert windows[0].ids == reference(text)["input_ids"]
+
+
+def test_long_text_is_scored_over_all_its_windows(small_model) -> None:
+    engine = load_engine(small_model, "onnx-fp32", threads=1)
+    opening = "This was a terrible waste of time, dull and boring. " * 20
+    ending = "But the finale is wonderful, moving and brilliant! " * 20
+    windows, owners = engine.windows([opening + ending])
+    assert len(windows) > 3 and set(owners) == {0}
+    whole = engine.predict([opening + ending])[0]
+    first_window_only = engine.predict([opening[:400]])[0]
+    positive = lambda p: p.score if p.label == "POSITIVE" else 1 - p.score  # noqa: E731
+    window_scores = engine.probabilities(windows)[:, 1]
+    assert window_scores.min() - 1e-6 <= positive(whole) <= window_scores.max() + 1e-6
+    assert positive(whole) != pytest.approx(positive(first_window_only), abs=1e-4)
+
+
+def test_import_registers_a_local_hugging_face_folder(small_model, data_dir: Path) -> None:
+    imported = import_model(str(small_model.pytorch_dir), "imported", data_dir, limit=300)
+    assert imported.tag.startswith("imported:")
+    assert imported.metadata["source"] == str(small_model.pytorch_dir)
+    assert imported.metadata["metrics"]["onnx-fp32"]["label_agreement_with_pytorch"] >= 0.999
+
+
+def test_import_rejects_bad_sources_clearly(tmp_path: Path, small_model, data_dir: Path) -> None:
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    with pytest.raises(ModelSourceError, match=r"config\.json"):
+        import_model(str(not_a_model), "x", data_dir)
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for file in small_model.pytorch_dir.iterdir():
+        (corrupt / file.name).write_bytes(file.read_bytes())
+    (corrupt / "model.safetensors").write_bytes(b"not really weights")
+    with pytest.raises(ModelSourceError, match=r"not a loadable model|cannot load"):
+        import_model(str(corrupt), "x", data_dir)
+
+    with pytest.raises(ModelSourceError, match="hub"):
+        import_model("nobody/no-such-model", "x", data_dir)
+
+
+def test_cli_reports_bad_arguments_without_a_traceback(tmp_path: Path) -> None:
+    bad = run_cli("build", "--epochs", "0")
+    assert bad.returncode == 2 and "must be positive" in bad.stderr
+    missing = run_cli("import", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "error:" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    unknown = run_cli("frobnicate")
+    assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
+    assert "build" in run_cli("--help").stdout
