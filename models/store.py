@@ -47,6 +47,11 @@ class StoredModel:
     def onnx_file(self, quantized: bool) -> Path:
         return self.path / ONNX_DIR / (INT8_FILE if quantized else FP32_FILE)
 
+    @classmethod
+    def from_bentoml(cls, model: Any) -> StoredModel:
+        """From what a `bentoml.models.BentoModel` class attribute resolves to."""
+        return cls(str(model.tag), Path(model.path), dict(model.info.metadata))
+
 
 def register(name: str, staging: Path, metadata: dict[str, Any]) -> StoredModel:
     """Copy a staging folder laid out like a stored model (pytorch/, onnx/) into the store."""
@@ -70,7 +75,7 @@ def get(tag: str) -> StoredModel:
         raise LookupError(
             f"model {tag!r} is not in the BentoML store; run `make model` to create it"
         ) from err
-    return StoredModel(str(model.tag), Path(model.path), dict(model.info.metadata))
+    return StoredModel.from_bentoml(model)
 
 
 def find_by_recipe(name: str, recipe: str) -> StoredModel | None:

@@ -1,0 +1,95 @@
+"""Our own Prometheus metrics and structured logs.
+
+prometheus_client is imported inside `get_metrics`, never at module import: BentoML workers set
+PROMETHEUS_MULTIPROC_DIR after importing the service module, and a client imported earlier would
+write to a registry that BentoML's /metrics never reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import structlog
+
+from runners.engine import Prediction
+
+
+class Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.predictions = Counter(
+            "kubesentiment_predictions", "Texts scored, by label and back end", ["label", "backend"]
+        )
+        self.scores = Histogram(
+            "kubesentiment_prediction_score",
+            "Confidence of the predicted label",
+            ["backend"],
+            buckets=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+        )
+        self.batch_size = Histogram(
+            "kubesentiment_inference_batch_size",
+            "Rows (text windows) per model call",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+        self.batch_tokens = Histogram(
+            "kubesentiment_inference_batch_tokens",
+            "Real (non-padding) tokens per model call",
+            buckets=(16, 64, 256, 1024, 4096, 16384),
+        )
+        self.text_length = Histogram(
+            "kubesentiment_text_length_chars",
+            "Length of scored texts in characters",
+            buckets=(16, 64, 256, 1024, 4096, 20000),
+        )
+        self.errors = Counter(
+            "kubesentiment_errors", "Requests answered with an error, by reason", ["reason"]
+        )
+
+    def observe_batch(self, rows: int, tokens: int) -> None:
+        self.batch_size.observe(rows)
+        self.batch_tokens.observe(tokens)
+
+    def observe_predictions(
+        self, texts: Sequence[str], predictions: Sequence[Prediction], backend: str
+    ) -> None:
+        for text, prediction in zip(texts, predictions, strict=True):
+            self.predictions.labels(prediction.label, backend).inc()
+            self.scores.labels(backend).observe(prediction.score)
+            self.text_length.observe(len(text))
+
+
+@lru_cache
+def get_metrics() -> Metrics:
+    """One set per process: a second registration of a metric name would fail."""
+    return Metrics()
+
+
+def render_metrics() -> tuple[bytes, str]:
+    """The Prometheus exposition of this process, or of all workers when BentoML runs several."""
+    import os
+
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry: Any = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """JSON logs, one event per line, ready for any log shipper."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+    )

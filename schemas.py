@@ -1,0 +1,117 @@
+"""Request and response bodies of the HTTP API. Limits come from settings, so a 400 names the
+field and the configured limit, and the OpenAPI document shows both with examples."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, Field
+
+from settings import get_settings
+
+settings = get_settings()
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("text is empty or only whitespace")
+    return text
+
+
+Text = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=settings.max_text_chars,
+        examples=["I love this movie, it was wonderful!"],
+    ),
+    AfterValidator(_not_blank),
+]
+BatchTexts = Annotated[
+    list[Text],
+    Field(
+        min_length=1,
+        max_length=settings.max_batch_texts,
+        examples=[["What a great film.", "This was a terrible waste of time."]],
+    ),
+]
+JobTexts = Annotated[
+    list[Text],
+    Field(
+        min_length=1,
+        max_length=settings.max_job_texts,
+        examples=[["What a great film.", "This was a terrible waste of time."]],
+    ),
+]
+
+
+class Sentiment(BaseModel):
+    label: Literal["POSITIVE", "NEGATIVE"] = Field(examples=["POSITIVE"])
+    score: float = Field(ge=0, le=1, description="Probability of the label", examples=[0.998])
+
+
+class ModelRef(BaseModel):
+    name: str = Field(examples=["sentiment"])
+    version: str = Field(examples=["mlxhakxj6whvsax4"])
+    backend: str = Field(examples=["onnx-int8"])
+
+
+class PredictResponse(BaseModel):
+    text: str
+    sentiment: Sentiment
+    model: ModelRef
+
+
+class BatchPredictResponse(BaseModel):
+    results: list[PredictResponse] = Field(description="In the order of the input texts")
+    model: ModelRef
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "completed", "failed"]
+    total: int = Field(description="Texts in the job")
+    processed: int = Field(description="Texts scored so far")
+    progress: float = Field(ge=0, le=1)
+    created_at: float
+    updated_at: float
+    error: str | None = None
+
+
+class JobResultItem(BaseModel):
+    index: int
+    text: str
+    sentiment: Sentiment
+
+
+class JobResults(BaseModel):
+    job_id: str
+    status: str
+    total: int
+    offset: int
+    limit: int
+    results: list[JobResultItem]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model_loaded: bool
+    backend: str
+    model_version: str
+    uptime_seconds: float
+
+
+class ModelInfo(BaseModel):
+    name: str
+    tag: str
+    version: str
+    backend: str
+    labels: list[str]
+    max_length: int
+    source: str | None
+    data_hash: str | None
+    metrics: dict[str, Any]
+
+
+class ErrorBody(BaseModel):
+    error: str
