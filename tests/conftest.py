@@ -4,7 +4,12 @@ the real pipeline (a few hundred sentences, seconds), so tests never touch your 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 # Before bentoml is imported anywhere: its store location is read once.
@@ -14,6 +19,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
+import httpx
 import pytest
 
 from models.pipeline import build
@@ -33,3 +39,73 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def small_model(data_dir: Path) -> StoredModel:
     return build("sentiment", data_dir, SMALL_CONFIG, limit=SMALL_LIMIT)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Server:
+    """A real `bentoml serve` of one of our services, on loopback, until stopped."""
+
+    def __init__(self, target: str, port: int, **env: str) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.target, self.port = target, port
+        self.env = {**os.environ, **env}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_path: str = "/readyz") -> Server:
+        bentoml = Path(sys.executable).parent / "bentoml"
+        self.log = Path(tempfile.gettempdir()) / f"kubesentiment-serve-{self.port}.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(bentoml),
+                    "serve",
+                    self.target,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + ready_path, timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"server not ready in 120 s: {self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def jobs_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("jobs") / "jobs.db"
+
+
+@pytest.fixture(scope="session")
+def service(small_model: StoredModel, jobs_db: Path) -> Iterator[Server]:
+    """The entry service with the default back end (ONNX int8). The queue limit is lowered so
+    that overload is reachable with a handful of requests."""
+    server = Server("service:Sentiment", 3210, JOBS_DB=str(jobs_db), MAX_QUEUED_TEXTS="300")
+    yield server.start()
+    server.stop()

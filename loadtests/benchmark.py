@@ -1,0 +1,248 @@
+"""HTTP benchmark of the entry service, side by side with the raw model in the same run.
+
+    python -m loadtests.benchmark            # starts its own `bentoml serve` on port 3100
+    python -m loadtests.benchmark --url http://127.0.0.1:3000
+
+Measures the raw in-process ONNX Runtime throughput at batch 32 (the ceiling), then drives
+/api/v1/predict at several concurrencies and /api/v1/predict/batch with 32 texts per request,
+using wrk (a C load generator, so the client does not eat the server's CPU). Writes JSON, a
+Markdown table and an HTML report with plots to loadtests/reports/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from models.store import get
+from runners.engine import load_engine
+from settings import get_settings
+
+HERE = Path(__file__).parent
+SUBJECTS = ["The movie", "This film", "The acting", "The story", "The soundtrack", "The ending"]
+VERDICTS = [
+    "was wonderful and moving",
+    "was a terrible waste of time",
+    "felt dull and far too long",
+    "is the best thing I have seen this year",
+    "left me bored and annoyed",
+    "was clever, funny and surprisingly warm",
+]
+
+
+def sample_texts(n: int, seed: int = 7) -> list[str]:
+    """Short review sentences of about 14 tokens, like the notes' measurements."""
+    rng = random.Random(seed)
+    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERDICTS)}, honestly." for _ in range(n)]
+
+
+def raw_throughput(batch_size: int = 32, seconds: float = 5.0) -> float:
+    """Texts/s of ONNX Runtime int8 alone: pre-tokenised batches, no HTTP, no scheduler."""
+    settings = get_settings()
+    engine = load_engine(
+        get(f"{settings.model_name}:{settings.model_tag}"),
+        "onnx-int8",
+        threads=settings.inference_threads,
+    )
+    windows, _ = engine.windows(sample_texts(batch_size))
+    engine.probabilities(windows)  # warm-up
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        engine.probabilities(windows)
+        done += batch_size
+    return done / (time.perf_counter() - started)
+
+
+def run_wrk(url: str, bodies: list[str], connections: int, seconds: int) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as file:
+        file.write("\n".join(bodies))
+    threads = min(2, connections)
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(HERE / "wrk_json.lua"),
+            url,
+            "--",
+            file.name,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    os.unlink(file.name)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    result["requests_per_s"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
+
+
+@contextmanager
+def served(port: int) -> Iterator[str]:
+    url = f"http://127.0.0.1:{port}"
+    bentoml = Path(sys.executable).parent / "bentoml"
+    proc = subprocess.Popen(
+        [str(bentoml), "serve", "service:Sentiment", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=HERE.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/api/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("the service did not become healthy within 120 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def plot(rows: list[dict[str, Any]], raw: float) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conc = [r["concurrency"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(conc, [r["requests_per_s"] for r in rows], "o-", label="/api/v1/predict")
+    left.axhline(raw, color="grey", ls="--", label="raw ONNX int8, batch 32")
+    left.axhline(0.4 * raw, color="red", ls=":", label="40% of raw")
+    left.set(xscale="log", xlabel="concurrent clients", ylabel="requests/s", title="Throughput")
+    left.set_xticks(conc, [str(c) for c in conc])
+    left.legend()
+    for key, label in (("p50_ms", "p50"), ("p95_ms", "p95"), ("p99_ms", "p99")):
+        right.plot(conc, [r[key] for r in rows], "o-", label=label)
+    right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms", title="Latency")
+    right.set_xticks(conc, [str(c) for c in conc])
+    right.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def report(result: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "benchmark.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        "| concurrency | requests/s | p50 ms | p95 ms | p99 ms | errors | ratio to raw |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["predict"]:
+        lines.append(
+            f"| {r['concurrency']} | {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | "
+            f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
+            f"{r['ratio_to_raw']:.2f} |"
+        )
+    b = result["batch32"]
+    lines.append(
+        f"\n/api/v1/predict/batch, 32 texts per request, {b['concurrency']} clients: "
+        f"{b['texts_per_s']:.0f} texts/s, ratio to raw {b['ratio_to_raw']:.2f}, "
+        f"p99 {b['p99_ms']:.1f} ms."
+    )
+    lines.insert(
+        0,
+        f"Raw in-process ONNX int8 at batch 32: {result['raw_texts_per_s']:.0f} "
+        f"texts/s ({result['date']}, {result['cpus']} CPUs).\n",
+    )
+    table = "\n".join(lines)
+    (out_dir / "benchmark.md").write_text(table + "\n")
+    image = plot(result["predict"], result["raw_texts_per_s"])
+    html = (
+        f"<!doctype html><meta charset=utf-8><title>KubeSentiment benchmark</title>"
+        f"<h1>KubeSentiment benchmark, {result['date']}</h1>"
+        f"<img src='data:image/png;base64,{image}' style='max-width:100%'>"
+        f"<pre>{table}</pre>"
+    )
+    (out_dir / "benchmark.html").write_text(html)
+    print(table)
+    print(f"\nreport: {out_dir / 'benchmark.html'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url", help="a running service (default: start one on --port)")
+    parser.add_argument("--port", type=int, default=3100)
+    parser.add_argument("--seconds", type=int, default=10, help="per load level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--out", type=Path, default=HERE / "reports")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is needed: apt-get install -y wrk", file=sys.stderr)
+        return 2
+
+    texts = sample_texts(512)
+    singles = [json.dumps({"text": t}) for t in texts]
+    batches = [json.dumps({"texts": texts[i : i + 32]}) for i in range(0, len(texts), 32)]
+    with served(args.port) if args.url is None else nullcontext(args.url) as url:
+        print("measuring raw ONNX int8 throughput at batch 32 ...")
+        raw = raw_throughput()
+        rows = []
+        for c in tqdm(args.concurrency, desc="/api/v1/predict", unit="level"):
+            r = run_wrk(f"{url}/api/v1/predict", singles, c, args.seconds)
+            rows.append(
+                {
+                    "concurrency": c,
+                    "requests_per_s": r["requests_per_s"],
+                    "p50_ms": r["p50_us"] / 1e3,
+                    "p95_ms": r["p95_us"] / 1e3,
+                    "p99_ms": r["p99_us"] / 1e3,
+                    "errors": r["socket_errors"] + r["non_2xx"],
+                    "ratio_to_raw": r["requests_per_s"] / raw,
+                }
+            )
+        r = run_wrk(f"{url}/api/v1/predict/batch", batches, 4, args.seconds)
+        batch32 = {
+            "concurrency": 4,
+            "texts_per_s": r["requests_per_s"] * 32,
+            "p99_ms": r["p99_us"] / 1e3,
+            "errors": r["socket_errors"] + r["non_2xx"],
+            "ratio_to_raw": r["requests_per_s"] * 32 / raw,
+        }
+    result = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+        "backend": get_settings().backend,
+        "raw_texts_per_s": raw,
+        "predict": rows,
+        "batch32": batch32,
+    }
+    report(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

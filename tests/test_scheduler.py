@@ -1,0 +1,103 @@
+"""The in-process batcher: batching forms under load, interactive work boards first, overload is
+refused at once, and an inference error reaches the callers without killing the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from runners.engine import Prediction
+from runners.scheduler import BatchScheduler, Overloaded
+
+
+class RecordingModel:
+    """Stands in for the engine so the test controls timing: each call takes `delay` seconds."""
+
+    def __init__(self, delay: float = 0.02) -> None:
+        self.delay = delay
+        self.batches: list[list[str]] = []
+        self.fail_on: str | None = None
+
+    def __call__(self, texts: list[str]) -> list[Prediction]:
+        time.sleep(self.delay)
+        self.batches.append(list(texts))
+        if self.fail_on in texts:
+            raise RuntimeError("model exploded")
+        return [Prediction("POSITIVE", len(t) / 100) for t in texts]
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_answers() -> None:
+    model = RecordingModel()
+    scheduler = BatchScheduler(model, max_batch_size=16, max_queued_texts=1000)
+
+    async def scenario() -> list[list[Prediction]]:
+        return await asyncio.gather(*(scheduler.submit(["x" * i]) for i in range(1, 41)))
+
+    answers = asyncio.run(scenario())
+    assert [a[0].score for a in answers] == [i / 100 for i in range(1, 41)]
+    assert max(len(b) for b in model.batches) > 1
+    assert all(len(b) <= 16 for b in model.batches)
+    assert sum(len(b) for b in model.batches) == 40
+
+
+def test_interactive_requests_board_before_bulk_work() -> None:
+    model = RecordingModel(delay=0.05)
+    scheduler = BatchScheduler(model, max_batch_size=4, max_queued_texts=1000)
+
+    async def scenario() -> None:
+        bulk = [
+            asyncio.create_task(scheduler.submit([f"bulk{i}"] * 4, bulk=True)) for i in range(5)
+        ]
+        await asyncio.sleep(0.01)  # the first bulk batch is running now
+        interactive = asyncio.create_task(scheduler.submit(["user"]))
+        await asyncio.gather(interactive, *bulk)
+
+    asyncio.run(scenario())
+    position = next(i for i, b in enumerate(model.batches) if "user" in b)
+    assert position == 1  # right after the batch that was already running
+
+
+def test_overload_is_refused_immediately() -> None:
+    model = RecordingModel(delay=0.2)
+    scheduler = BatchScheduler(model, max_batch_size=2, max_queued_texts=4)
+
+    async def scenario() -> None:
+        first = asyncio.create_task(scheduler.submit(["a", "b"]))
+        await asyncio.sleep(0.05)  # running: the queue is empty again
+        waiting = asyncio.create_task(scheduler.submit(["c", "d", "e"]))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        with pytest.raises(Overloaded, match="limit 4"):
+            await scheduler.submit(["f", "g"])
+        assert time.monotonic() - started < 0.05
+        await asyncio.gather(first, waiting)
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_batch_fails_its_callers_and_the_loop_goes_on() -> None:
+    model = RecordingModel()
+    model.fail_on = "boom"
+    scheduler = BatchScheduler(model, max_batch_size=8, max_queued_texts=100)
+
+    async def scenario() -> list[Prediction]:
+        with pytest.raises(RuntimeError, match="exploded"):
+            await scheduler.submit(["boom"])
+        return await scheduler.submit(["fine"])
+
+    assert asyncio.run(scenario())[0].label == "POSITIVE"
+
+
+def test_inference_runs_off_the_event_loop_thread() -> None:
+    seen: list[str] = []
+
+    def model(texts: list[str]) -> list[Prediction]:
+        seen.append(threading.current_thread().name)
+        return [Prediction("NEGATIVE", 0.9) for _ in texts]
+
+    scheduler = BatchScheduler(model, max_batch_size=8, max_queued_texts=100)
+    asyncio.run(scheduler.submit(["x"]))
+    assert seen and seen[0].startswith("inference")
