@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from typing import Any
 
@@ -49,6 +50,7 @@ from settings import get_settings
 
 settings = get_settings()
 log = structlog.get_logger("kubesentiment")
+GC_THRESHOLDS = (100_000, 50, 1000)  # CPython's defaults: (2000, 10, 10)
 read_api = FastAPI(title="KubeSentiment", description="Health, model, metrics and job results.")
 
 
@@ -118,6 +120,11 @@ class Sentiment:
             name=self.model.name, version=self.model.version, backend=settings.backend
         )
         self.started = time.monotonic()
+        # Everything loaded so far lives as long as the process: move it out of the garbage
+        # collector's sight, and collect the young generations less often. With the defaults,
+        # collections stalled requests for 100-300 ms (p99 at 8 clients went from 312 to 30 ms).
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         log.info("model loaded", tag=self.model.tag, backend=settings.backend)
 
     async def score(self, texts: list[str], bulk: bool = False) -> list[Prediction]:

@@ -53,21 +53,22 @@ def sample_texts(n: int, seed: int = 7) -> list[str]:
     return [f"{rng.choice(SUBJECTS)} {rng.choice(VERDICTS)}, honestly." for _ in range(n)]
 
 
-def raw_throughput(batch_size: int = 32, seconds: float = 5.0) -> float:
-    """Texts/s of ONNX Runtime int8 alone: pre-tokenised batches, no HTTP, no scheduler."""
+def raw_throughput(batch_size: int = 32, seconds: float = 3.0) -> float:
+    """Texts/s of ONNX Runtime int8 alone, on every core: pre-tokenised batches, no HTTP, no
+    scheduler. The ceiling the service is measured against."""
     settings = get_settings()
-    engine = load_engine(
-        get(f"{settings.model_name}:{settings.model_tag}"),
-        "onnx-int8",
-        threads=settings.inference_threads,
-    )
+    model = get(f"{settings.model_name}:{settings.model_tag}")
+    engine = load_engine(model, "onnx-int8", threads=os.cpu_count() or 2)
     windows, _ = engine.windows(sample_texts(batch_size))
     engine.probabilities(windows)  # warm-up
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        engine.probabilities(windows)
-        done += batch_size
-    return done / (time.perf_counter() - started)
+    best = 0.0
+    for _ in range(3):  # the best of three: a shared machine only ever makes runs slower
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            engine.probabilities(windows)
+            done += batch_size
+        best = max(best, done / (time.perf_counter() - started))
+    return best
 
 
 def run_wrk(url: str, bodies: list[str], connections: int, seconds: int) -> dict[str, Any]:

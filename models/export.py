@@ -16,8 +16,8 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.optimizer import optimize_model
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-FP32_FILE = "model.onnx"
-INT8_FILE = "model-int8.onnx"
+from models.store import FP32_FILE, INT8_FILE
+
 OPSET = 17
 
 

@@ -16,10 +16,10 @@ from typing import Any
 import bentoml
 from bentoml.exceptions import NotFound
 
-from models.export import FP32_FILE, INT8_FILE
-
 PYTORCH_DIR = "pytorch"
 ONNX_DIR = "onnx"
+FP32_FILE = "model.onnx"
+INT8_FILE = "model-int8.onnx"
 
 
 @dataclass(frozen=True)
