@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Backend = Literal["onnx-int8", "onnx-fp32", "pytorch"]
@@ -51,6 +51,24 @@ class Settings(BaseSettings):
     kafka_output_topic: str = "sentiment-results"
     kafka_dlq_topic: str = "sentiment-dlq"
     kafka_group_id: str = "sentiment-worker"
+    kafka_batch_size: int = Field(default=64, ge=1, description="Messages scored per batch.")
+    kafka_linger_ms: int = Field(
+        default=20, ge=0, description="How long a poll waits to fill a batch."
+    )
+    kafka_idempotent_producer: bool = Field(
+        default=True,
+        description="Exactly-once writes per producer session; off only for brokers without "
+        "InitProducerId (the Tansu used in tests and the demo).",
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = Field(
+        default=None, description="CA bundle for TLS; the system's when unset."
+    )
+    worker_host: str = Field(default="0.0.0.0", description="Where the worker's probes listen.")
+    worker_port: int = Field(default=9102, description="/metrics, /livez, /readyz of the worker")
 
 
 @lru_cache

@@ -36,6 +36,9 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     max_length: int = 96
     soft_weight: float = 0.5  # 0 = hard labels only, 1 = human-rating shares only
+    # The 30k x 384 word embeddings are half the weights: frozen, they keep the pre-trained
+    # vocabulary intact on a small data set, and each step does a third less optimiser work.
+    freeze_embeddings: bool = True
     seed: int = 13
     max_steps: int | None = None  # a cap for smoke runs
 
@@ -93,7 +96,7 @@ def accuracy(
     return float(np.mean((probs >= 0.5) == np.array([e.label for e in examples])))
 
 
-def train(splits: Splits, output_dir: Path, config: TrainConfig = TrainConfig()) -> dict:
+def train(splits: Splits, output_dir: Path, config: TrainConfig = DEFAULT_CONFIG) -> dict:
     """Train, keep the epoch with the best validation accuracy, save a Hugging Face folder."""
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -104,6 +107,8 @@ def train(splits: Splits, output_dir: Path, config: TrainConfig = TrainConfig())
         id2label=dict(enumerate(LABELS)),
         label2id={label: i for i, label in enumerate(LABELS)},
     )
+    if config.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     train_set = splits.train
     encoded = tokenizer([e.text for e in train_set], truncation=True, max_length=config.max_length)[
         "input_ids"
@@ -116,7 +121,9 @@ def train(splits: Splits, output_dir: Path, config: TrainConfig = TrainConfig())
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
     )
     schedule = get_linear_schedule_with_warmup(
         optimizer, int(config.warmup_ratio * total_steps), total_steps

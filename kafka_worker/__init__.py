@@ -1,0 +1,1 @@
+"""Kafka -> worker -> runner engine -> Kafka: scores text streams with the service's model."""

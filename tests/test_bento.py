@@ -1,0 +1,47 @@
+"""`bentoml build` works offline, pins the model version and the CPU build of torch, and the
+built Bento serves."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import yaml
+
+from models.store import StoredModel
+from tests.conftest import ROOT, Server
+
+
+def test_bento_builds_offline_pins_model_and_serves(
+    small_model: StoredModel, tmp_path: Path
+) -> None:
+    bentoml = Path(sys.executable).parent / "bentoml"
+    built = subprocess.run(
+        [str(bentoml), "build", "--output", "tag"],
+        cwd=ROOT,
+        env=os.environ,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    name, version = tag.split(":")
+    bento_dir = Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version
+    manifest = yaml.safe_load((bento_dir / "bento.yaml").read_text())
+    models = [m["tag"] for svc in manifest["services"] for m in svc["models"]]
+    assert models == [small_model.tag]
+    requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text()
+    assert "torch==2.13.0+cpu" in requirements and "whl/cpu" in requirements
+    dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()
+    assert "requirements.txt" in dockerfile
+
+    server = Server(tag, 3213, JOBS_DB=str(tmp_path / "jobs.db")).start()
+    try:
+        r = httpx.post(server.url + "/api/v1/predict", json={"text": "A fine film."}, timeout=30)
+        assert r.status_code == 200 and r.json()["model"]["version"] == small_model.version
+    finally:
+        server.stop()
