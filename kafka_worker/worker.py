@@ -36,6 +36,7 @@ from settings import Settings
 
 log = structlog.get_logger("kafka_worker")
 MAX_BACKOFF_S = 30.0
+BROKER_CHECK_S = 2.0
 
 
 class FinishBatchBeforeRevoke(ConsumerRebalanceListener):
@@ -125,6 +126,7 @@ class Worker:
             await consumer.start()
             self.ready = True
             log.info("consuming", topic=s.kafka_input_topic, group=s.kafka_group_id)
+            checked = time.monotonic()
             while not self.stopping.is_set():
                 self.heartbeat = time.monotonic()
                 batches = await consumer.getmany(
@@ -133,6 +135,10 @@ class Worker:
                 if batches:
                     async with self.batch_lock:
                         await self.process(consumer, producer, batches)
+                    self.ready, checked = True, time.monotonic()
+                elif time.monotonic() - checked > BROKER_CHECK_S:
+                    # The client retries a lost broker by itself; readiness tells the world.
+                    self.ready, checked = await self.broker_reachable(producer), time.monotonic()
                 await self.report_lag(consumer)
         finally:
             self.ready = False
@@ -195,6 +201,17 @@ class Worker:
             dead_letters=[r.reason for _, _, r in bad],
             seconds=time.perf_counter() - started,
         )
+
+    async def broker_reachable(self, producer: AIOKafkaProducer) -> bool:
+        try:
+            await asyncio.wait_for(producer.client.fetch_all_metadata(), BROKER_CHECK_S)
+        except (KafkaError, TimeoutError) as err:
+            if self.ready:
+                log.warning("broker unreachable; the client keeps retrying", error=repr(err))
+            return False
+        if not self.ready:
+            log.info("broker reachable again")
+        return True
 
     async def report_lag(self, consumer: AIOKafkaConsumer) -> None:
         """Lag from the fetch high-water mark (Tansu's ListOffsets(LATEST) is unreliable)."""

@@ -1,0 +1,227 @@
+"""The Kafka worker against a real broker (Tansu, started per test): every message ends in the
+results or the dead-letter topic, through crashes, rebalances and a broker restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from kafka_worker.local_broker import TansuBroker, create_topics, produce
+from models.store import StoredModel
+from tests.conftest import ROOT
+
+TOPICS = ("sentiment-requests", "sentiment-results", "sentiment-dlq")
+BROKER_PORT = 19210
+
+
+@pytest.fixture
+def broker(small_model: StoredModel) -> Iterator[TansuBroker]:
+    started = TansuBroker(BROKER_PORT).start()
+    asyncio.run(create_topics(started.bootstrap, TOPICS))
+    yield started
+    started.stop()
+
+
+class WorkerProcess:
+    def __init__(self, broker: TansuBroker, port: int) -> None:
+        self.port = port
+        self.log = Path(tempfile.gettempdir()) / f"kubesentiment-worker-{port}.log"
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "KAFKA_IDEMPOTENT_PRODUCER": "false",  # Tansu lacks InitProducerId
+            "WORKER_HOST": "127.0.0.1",
+            "WORKER_PORT": str(port),
+        }
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kafka_worker"],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.wait_until(lambda: self.probe("/readyz") == 200, "ready")
+
+    def probe(self, path: str) -> int:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=2).status_code
+        except httpx.HTTPError:
+            return 0
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=2).text
+        match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    def wait_until(self, condition, what: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"worker died: {self.log.read_text()[-3000:]}"
+            if condition():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"worker not {what} in {timeout} s: {self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+
+async def outputs(bootstrap: str, wanted: set[tuple[int, int]], timeout: float) -> list[dict]:
+    """Results and dead letters from the start, until every wanted source is there."""
+    consumer = AIOKafkaConsumer(
+        TOPICS[1],
+        TOPICS[2],
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        group_id=None,
+    )
+    await consumer.start()
+    items: list[dict] = []
+    seen: set[tuple[int, int]] = set()
+    try:
+        deadline = time.monotonic() + timeout
+        while not wanted <= seen and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=300)).values():
+                for record in records:
+                    item = json.loads(record.value)
+                    item["_topic"], item["_key"] = record.topic, record.key
+                    item["_headers"] = dict(record.headers)
+                    items.append(item)
+                    seen.add((item["source"]["partition"], item["source"]["offset"]))
+    finally:
+        await consumer.stop()
+    return items
+
+
+def sources(items: list[dict]) -> Counter[tuple[int, int]]:
+    return Counter((i["source"]["partition"], i["source"]["offset"]) for i in items)
+
+
+def send_texts(broker: TansuBroker, n: int, start: int = 0) -> list[tuple[int, int]]:
+    messages = [
+        (
+            f"key-{i}".encode(),
+            json.dumps({"id": f"msg-{i}", "text": f"Review {i}: a fine, warm film."}).encode(),
+        )
+        for i in range(start, start + n)
+    ]
+    return asyncio.run(produce(broker.bootstrap, TOPICS[0], messages))
+
+
+def test_round_trip_of_good_and_bad_messages(broker: TansuBroker) -> None:
+    good = [
+        (f"k{i}".encode(), json.dumps({"id": f"id-{i}", "text": f"Movie {i} was great"}).encode())
+        for i in range(150)
+    ]
+    plain = [
+        (f"p{i}".encode(), f"plain text review number {i}, rather dull".encode()) for i in range(30)
+    ]
+    bad = {
+        b"tombstone": None,
+        b"binary": b"\xff\xfe\xfa",
+        b"broken": b'{"id": "x", "text":',
+        b"list": b'["not", "an", "object"]',
+        b"no-text": b'{"id": "nt"}',
+        b"blank": b'{"id": "b", "text": "   "}',
+        b"huge": b"x" * 20_001,
+    }
+    sent = asyncio.run(produce(broker.bootstrap, TOPICS[0], [*good, *plain, *bad.items()]))
+    worker = WorkerProcess(broker, 9210)
+    try:
+        items = asyncio.run(outputs(broker.bootstrap, set(sent), timeout=120))
+    finally:
+        assert worker.stop() == 0
+    assert sources(items) == Counter(sent)  # every input exactly once, nothing lost
+    results = [i for i in items if i["_topic"] == TOPICS[1]]
+    letters = {i["_key"]: i for i in items if i["_topic"] == TOPICS[2]}
+    assert len(results) == 180 and len(letters) == len(bad)
+    by_key = {r["_key"]: r for r in results}
+    assert by_key[b"k7"]["id"] == "id-7"
+    assert by_key[b"p3"]["id"].startswith("sentiment-requests-")
+    for result in results:
+        assert result["sentiment"]["label"] in {"POSITIVE", "NEGATIVE"}
+        assert result["model"]["backend"] == "onnx-int8"
+    expected = {
+        b"tombstone": "empty_message",
+        b"binary": "not_utf8",
+        b"broken": "bad_json",
+        b"list": "not_an_object",
+        b"no-text": "missing_text",
+        b"blank": "empty_text",
+        b"huge": "text_too_long",
+    }
+    for key, reason in expected.items():
+        assert letters[key]["error"] == reason
+        assert letters[key]["_headers"]["error"] == reason.encode()
+    assert letters[b"broken"]["payload"] == '{"id": "x", "text":'
+
+
+def test_sigkill_mid_stream_loses_nothing(broker: TansuBroker) -> None:
+    sent = send_texts(broker, 6000)
+    first = WorkerProcess(broker, 9211)
+    first.wait_until(lambda: first.metric("kubesentiment_worker_produced_total") >= 500, "half way")
+    first.stop(signal.SIGKILL)
+    second = WorkerProcess(broker, 9211)
+    try:
+        items = asyncio.run(outputs(broker.bootstrap, set(sent), timeout=180))
+    finally:
+        second.stop()
+    counts = sources(items)
+    assert set(counts) == set(sent), f"lost {len(set(sent) - set(counts))} messages"
+    duplicates = sum(counts.values()) - len(counts)
+    print(f"SIGKILL: {len(sent)} messages, {duplicates} delivered twice, none lost")
+
+
+def test_two_workers_share_partitions_and_one_takes_over(broker: TansuBroker) -> None:
+    one, two = WorkerProcess(broker, 9212), WorkerProcess(broker, 9213)
+    time.sleep(4)  # both join the group and split the 4 partitions
+    sent = send_texts(broker, 3000)
+    try:
+        for worker in (one, two):
+            worker.wait_until(
+                lambda w=worker: w.metric("kubesentiment_worker_consumed_total") > 0,
+                "given partitions",
+                timeout=60,
+            )
+        assert one.stop(signal.SIGTERM) == 0  # finishes its batch, commits, leaves the group
+        sent += send_texts(broker, 1000, start=3000)
+        items = asyncio.run(outputs(broker.bootstrap, set(sent), timeout=180))
+    finally:
+        one.stop()
+        two.stop()
+    assert set(sources(items)) == set(sent)
+
+
+def test_worker_recovers_when_the_broker_comes_back(broker: TansuBroker) -> None:
+    worker = WorkerProcess(broker, 9214)
+    try:
+        before = send_texts(broker, 100)
+        assert set(sources(asyncio.run(outputs(broker.bootstrap, set(before), 60)))) == set(before)
+        broker.stop()
+        worker.wait_until(lambda: worker.probe("/readyz") == 503, "aware of the outage")
+        assert worker.probe("/livez") == 200  # alive and waiting, not crash-looping
+        broker.start()
+        asyncio.run(create_topics(broker.bootstrap, TOPICS))  # in-memory broker starts empty
+        after = send_texts(broker, 100)
+        items = asyncio.run(outputs(broker.bootstrap, set(after), timeout=120))
+        assert set(sources(items)) == set(after)
+        assert worker.proc.poll() is None and worker.probe("/readyz") == 200
+    finally:
+        assert worker.stop() == 0
