@@ -7,13 +7,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import re
+import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -124,3 +130,53 @@ async def collect(
     finally:
         await consumer.stop()
     return items
+
+
+class WorkerProcess:
+    """`python -m kafka_worker` as a child process against a TansuBroker, with its probes."""
+
+    def __init__(self, broker: TansuBroker, port: int, **env_overrides: str) -> None:
+        self.port = port
+        self.log = Path(tempfile.gettempdir()) / f"kubesentiment-worker-{port}.log"
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "KAFKA_IDEMPOTENT_PRODUCER": "false",  # Tansu lacks InitProducerId
+            "WORKER_HOST": "127.0.0.1",
+            "WORKER_PORT": str(port),
+            **env_overrides,
+        }
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kafka_worker"],
+                cwd=Path(__file__).resolve().parents[1],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.wait_until(lambda: self.probe("/readyz") == 200, "ready")
+
+    def probe(self, path: str) -> int:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=2).status_code
+        except httpx.HTTPError:
+            return 0
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=2).text
+        match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"worker died: {self.log.read_text()[-3000:]}"
+            if condition():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"worker not {what} in {timeout} s: {self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)

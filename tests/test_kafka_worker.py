@@ -5,24 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from kafka_worker.local_broker import TansuBroker, create_topics, produce
+from kafka_worker.local_broker import TansuBroker, WorkerProcess, create_topics, produce
 from models.store import StoredModel
-from tests.conftest import ROOT
 
 TOPICS = ("sentiment-requests", "sentiment-results", "sentiment-dlq")
 BROKER_PORT = 19210
@@ -34,53 +26,6 @@ def broker(small_model: StoredModel) -> Iterator[TansuBroker]:
     asyncio.run(create_topics(started.bootstrap, TOPICS))
     yield started
     started.stop()
-
-
-class WorkerProcess:
-    def __init__(self, broker: TansuBroker, port: int) -> None:
-        self.port = port
-        self.log = Path(tempfile.gettempdir()) / f"kubesentiment-worker-{port}.log"
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-            "KAFKA_IDEMPOTENT_PRODUCER": "false",  # Tansu lacks InitProducerId
-            "WORKER_HOST": "127.0.0.1",
-            "WORKER_PORT": str(port),
-        }
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kafka_worker"],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.wait_until(lambda: self.probe("/readyz") == 200, "ready")
-
-    def probe(self, path: str) -> int:
-        try:
-            return httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=2).status_code
-        except httpx.HTTPError:
-            return 0
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=2).text
-        match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
-
-    def wait_until(self, condition, what: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"worker died: {self.log.read_text()[-3000:]}"
-            if condition():
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"worker not {what} in {timeout} s: {self.log.read_text()[-3000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=60)
 
 
 async def outputs(bootstrap: str, wanted: set[tuple[int, int]], timeout: float) -> list[dict]:
@@ -195,11 +140,11 @@ def test_two_workers_share_partitions_and_one_takes_over(broker: TansuBroker) ->
     sent = send_texts(broker, 3000)
     try:
         for worker in (one, two):
-            worker.wait_until(
-                lambda w=worker: w.metric("kubesentiment_worker_consumed_total") > 0,
-                "given partitions",
-                timeout=60,
-            )
+
+            def has_consumed(w: WorkerProcess = worker) -> bool:
+                return w.metric("kubesentiment_worker_consumed_total") > 0
+
+            worker.wait_until(has_consumed, "given partitions", timeout=60)
         assert one.stop(signal.SIGTERM) == 0  # finishes its batch, commits, leaves the group
         sent += send_texts(broker, 1000, start=3000)
         items = asyncio.run(outputs(broker.bootstrap, set(sent), timeout=180))
