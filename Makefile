@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env model run serve test lint format bench clean
+.PHONY: env model run test lint format bench clean worker kafka-demo kafka-bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,3 +48,12 @@ bench: env  ## the benchmark against a running `make run`
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
+
+worker: model  ## the Kafka worker against $KAFKA_BOOTSTRAP_SERVERS
+	$(PY) -m kafka_worker
+
+kafka-demo: model  ## a local Tansu broker, the worker, sample messages and their results
+	$(PY) -m kafka_worker.demo
+
+kafka-bench: model  ## Kafka end-to-end throughput and the SIGKILL soak, with reports
+	$(PY) -m loadtests.kafka_benchmark

@@ -150,6 +150,11 @@ def plot(rows: list[dict[str, Any]], raw: float) -> str:
     right.set_xticks(conc, [str(c) for c in conc])
     right.legend()
     fig.tight_layout()
+    return png_base64(fig)
+
+
+def png_base64(fig: Any) -> str:
+    """A matplotlib figure as a base64 PNG, to inline in a self-contained HTML report."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     return base64.b64encode(buffer.getvalue()).decode()
