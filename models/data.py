@@ -23,14 +23,10 @@ log = structlog.get_logger(__name__)
 SDIST = "vaderSentiment-3.3.2.tar.gz"
 SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
 INNER_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
-LEXICON = "vaderSentiment-3.3.2/vaderSentiment/vader_lexicon.txt"
 MOVIES = "movieReviewSnippets"
 EXTRA_SETS = ("tweets", "amazonReviewSnippets", "nytEditorialSnippets")
 # Auxiliary sentences rated this close to neutral carry more noise than signal.
 EXTRA_MIN_ABS_RATING = 0.5
-# Words and emoticons of the human-rated VADER lexicon: phrase-level polarity, much like the
-# phrase labels that make SST-2 a strong training set. Only the clearly polar ones.
-LEXICON_MIN_ABS_RATING = 1.5
 
 
 @dataclass(frozen=True)
@@ -114,26 +110,13 @@ def _parse_set(truth: str, ratings: str) -> list[Example]:
     return examples
 
 
-def _lexicon_examples(lexicon: str) -> list[Example]:
-    shares = _parse_ratings(lexicon)
-    examples = []
-    for line in lexicon.splitlines():
-        parts = line.split("\t")
-        if len(parts) >= 4 and abs(float(parts[1])) >= LEXICON_MIN_ABS_RATING:
-            examples.append(
-                Example(parts[0], int(float(parts[1]) > 0), shares[parts[0]], float(parts[1]))
-            )
-    return examples
-
-
 def read_sets(sdist: Path) -> dict[str, list[Example]]:
     with tarfile.open(sdist) as outer:
         member = outer.extractfile(INNER_ARCHIVE)
-        lexicon = outer.extractfile(LEXICON)
-        if member is None or lexicon is None:
-            raise RuntimeError(f"{sdist} lacks {INNER_ARCHIVE} or {LEXICON}")
+        if member is None:
+            raise RuntimeError(f"{sdist} lacks {INNER_ARCHIVE}")
         inner_bytes = member.read()
-        sets = {"lexicon": _lexicon_examples(lexicon.read().decode("utf-8", errors="replace"))}
+    sets = {}
     with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
 
         def read(name: str) -> str:
@@ -162,7 +145,6 @@ def split_sets(
     held_out = {ex.text for ex in test + validation}
     train = movies[n_test + n_val :]
     if use_extra and limit is None:
-        train += sets["lexicon"]
         for name in EXTRA_SETS:
             train += [
                 ex

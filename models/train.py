@@ -36,9 +36,6 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     max_length: int = 96
     soft_weight: float = 0.5  # 0 = hard labels only, 1 = human-rating shares only
-    # The 30k x 384 word embeddings are half the weights: frozen, they keep the pre-trained
-    # vocabulary intact on a small data set, and each step does a third less optimiser work.
-    freeze_embeddings: bool = True
     seed: int = 13
     max_steps: int | None = None  # a cap for smoke runs
 
@@ -107,8 +104,6 @@ def train(splits: Splits, output_dir: Path, config: TrainConfig = DEFAULT_CONFIG
         id2label=dict(enumerate(LABELS)),
         label2id={label: i for i, label in enumerate(LABELS)},
     )
-    if config.freeze_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(False)
     train_set = splits.train
     encoded = tokenizer([e.text for e in train_set], truncation=True, max_length=config.max_length)[
         "input_ids"
@@ -121,9 +116,7 @@ def train(splits: Splits, output_dir: Path, config: TrainConfig = DEFAULT_CONFIG
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=config.learning_rate,
-        weight_decay=config.weight_decay,
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     schedule = get_linear_schedule_with_warmup(
         optimizer, int(config.warmup_ratio * total_steps), total_steps
