@@ -38,8 +38,11 @@ def main() -> None:
         print(f"worker: ready; probes and metrics on http://127.0.0.1:{settings.worker_port}")
         asyncio.run(produce(broker.bootstrap, settings.kafka_input_topic, SAMPLES))
         print(f"sent {len(SAMPLES)} messages\n")
-        results = asyncio.run(collect(broker.bootstrap, settings.kafka_output_topic, 3, 60))
-        letters = asyncio.run(collect(broker.bootstrap, settings.kafka_dlq_topic, 3, 30))
+        items = asyncio.run(
+            collect(broker.bootstrap, topics[1:], lambda got: len(got) >= len(SAMPLES), timeout=60)
+        )
+        results = [i for i in items if i["_topic"] == settings.kafka_output_topic]
+        letters = [i for i in items if i["_topic"] == settings.kafka_dlq_topic]
         print(f"{settings.kafka_output_topic}:")
         for r in results:
             print(f"  {r['id']:<28} {r['sentiment']['label']:<8} {r['sentiment']['score']:.3f}")

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -104,32 +105,39 @@ async def produce(
 
 
 async def collect(
-    bootstrap: str, topic: str, expected: int, timeout: float
+    bootstrap: str,
+    topics: Iterable[str],
+    done: Callable[[list[dict[str, Any]]], bool],
+    timeout: float,
 ) -> list[dict[str, Any]]:
-    """Read a topic from the start until `expected` messages arrived or time ran out. Each item
-    is the JSON value plus the message key and headers."""
+    """Read topics from the start until `done(items)` or time runs out. Each item is the JSON
+    value plus the message's topic, key and headers."""
     consumer = AIOKafkaConsumer(
-        topic,
+        *topics,
         bootstrap_servers=bootstrap,
+        group_id=None,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
-        group_id=None,
     )
     await consumer.start()
     items: list[dict[str, Any]] = []
     try:
         deadline = time.monotonic() + timeout
-        while len(items) < expected and time.monotonic() < deadline:
-            batches = await consumer.getmany(timeout_ms=200)
-            for records in batches.values():
+        while not done(items) and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=300, max_records=10_000)).values():
                 for record in records:
                     item = json.loads(record.value)
-                    item["_key"] = record.key
+                    item["_topic"], item["_key"] = record.topic, record.key
                     item["_headers"] = dict(record.headers)
                     items.append(item)
     finally:
         await consumer.stop()
     return items
+
+
+def sources(items: list[dict[str, Any]]) -> Counter[tuple[int, int]]:
+    """How often each input (partition, offset) appears among results and dead letters."""
+    return Counter((i["source"]["partition"], i["source"]["offset"]) for i in items)
 
 
 class WorkerProcess:

@@ -18,15 +18,20 @@ import json
 import random
 import signal
 import time
-from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
 from tqdm import tqdm
 
-from kafka_worker.local_broker import TansuBroker, WorkerProcess, create_topics, produce
+from kafka_worker.local_broker import (
+    TansuBroker,
+    WorkerProcess,
+    collect,
+    create_topics,
+    produce,
+    sources,
+)
 from loadtests.benchmark import HERE, png_base64, sample_texts
 from models.store import get
 from runners.engine import load_engine
@@ -60,31 +65,6 @@ def messages(start: int, n: int) -> list[tuple[bytes | None, bytes | None]]:
         (f"k{i}".encode(), json.dumps({"id": f"m{i}", "text": texts[i % 512]}).encode())
         for i in range(start, start + n)
     ]
-
-
-async def delivered(bootstrap: str) -> Counter[tuple[int, int]]:
-    """How often each input (partition, offset) appears in the results and dead letters."""
-    consumer = AIOKafkaConsumer(
-        TOPICS[1],
-        TOPICS[2],
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        group_id=None,
-    )
-    await consumer.start()
-    counts: Counter[tuple[int, int]] = Counter()
-    try:
-        idle = 0
-        while idle < 5:
-            batches = await consumer.getmany(timeout_ms=400, max_records=10_000)
-            idle = 0 if batches else idle + 1
-            for records in batches.values():
-                for record in records:
-                    source = json.loads(record.value)["source"]
-                    counts[(source["partition"], source["offset"])] += 1
-    finally:
-        await consumer.stop()
-    return counts
 
 
 def throughput(broker: TansuBroker, n: int) -> dict[str, Any]:
@@ -122,14 +102,17 @@ def soak(broker: TansuBroker, cycles: int, per_cycle: int, seed: int = 5) -> dic
         kills.append(worker.metric(PRODUCED))
         worker.stop(signal.SIGKILL)
     last = WorkerProcess(broker, 9401)
-    deadline = time.monotonic() + 600
-    counts: Counter[tuple[int, int]] = Counter()
-    while time.monotonic() < deadline:
-        time.sleep(2)
-        counts = asyncio.run(delivered(broker.bootstrap))
-        if set(sent) <= set(counts):
-            break
+    wanted = set(sent)
+    items = asyncio.run(
+        collect(
+            broker.bootstrap,
+            TOPICS[1:],
+            lambda got: len(got) >= len(wanted) and wanted <= set(sources(got)),
+            timeout=600,
+        )
+    )
     last.stop()
+    counts = sources(items)
     lost = len(set(sent) - set(counts))
     return {
         "cycles": cycles,

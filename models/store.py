@@ -53,6 +53,15 @@ class StoredModel:
         return cls(str(model.tag), Path(model.path), dict(model.info.metadata))
 
 
+def _storable(value: Any) -> Any:
+    """BentoML metadata takes plain values only: drop the Nones (an unset option)."""
+    if isinstance(value, dict):
+        return {k: _storable(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_storable(v) for v in value if v is not None]
+    return value
+
+
 def register(name: str, staging: Path, metadata: dict[str, Any]) -> StoredModel:
     """Copy a staging folder laid out like a stored model (pytorch/, onnx/) into the store."""
     for required in (
@@ -62,7 +71,9 @@ def register(name: str, staging: Path, metadata: dict[str, Any]) -> StoredModel:
     ):
         if not (staging / required).exists():
             raise FileNotFoundError(f"cannot register {staging}: {required} is missing")
-    with bentoml.models.create(name, labels={"task": "sentiment"}, metadata=metadata) as model:
+    with bentoml.models.create(
+        name, labels={"task": "sentiment"}, metadata=_storable(metadata)
+    ) as model:
         shutil.copytree(staging, model.path, dirs_exist_ok=True)
     return get(str(model.tag))
 

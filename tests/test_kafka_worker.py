@@ -11,9 +11,15 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 
-from kafka_worker.local_broker import TansuBroker, WorkerProcess, create_topics, produce
+from kafka_worker.local_broker import (
+    TansuBroker,
+    WorkerProcess,
+    collect,
+    create_topics,
+    produce,
+    sources,
+)
 from models.store import StoredModel
 
 TOPICS = ("sentiment-requests", "sentiment-results", "sentiment-dlq")
@@ -28,35 +34,11 @@ def broker(small_model: StoredModel) -> Iterator[TansuBroker]:
     started.stop()
 
 
-async def outputs(bootstrap: str, wanted: set[tuple[int, int]], timeout: float) -> list[dict]:
+def outputs(bootstrap: str, wanted: set[tuple[int, int]], timeout: float) -> list[dict]:
     """Results and dead letters from the start, until every wanted source is there."""
-    consumer = AIOKafkaConsumer(
-        TOPICS[1],
-        TOPICS[2],
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        group_id=None,
+    return asyncio.run(
+        collect(bootstrap, TOPICS[1:], lambda items: wanted <= set(sources(items)), timeout)
     )
-    await consumer.start()
-    items: list[dict] = []
-    seen: set[tuple[int, int]] = set()
-    try:
-        deadline = time.monotonic() + timeout
-        while not wanted <= seen and time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=300)).values():
-                for record in records:
-                    item = json.loads(record.value)
-                    item["_topic"], item["_key"] = record.topic, record.key
-                    item["_headers"] = dict(record.headers)
-                    items.append(item)
-                    seen.add((item["source"]["partition"], item["source"]["offset"]))
-    finally:
-        await consumer.stop()
-    return items
-
-
-def sources(items: list[dict]) -> Counter[tuple[int, int]]:
-    return Counter((i["source"]["partition"], i["source"]["offset"]) for i in items)
 
 
 def send_texts(broker: TansuBroker, n: int, start: int = 0) -> list[tuple[int, int]]:
@@ -90,7 +72,7 @@ def test_round_trip_of_good_and_bad_messages(broker: TansuBroker) -> None:
     sent = asyncio.run(produce(broker.bootstrap, TOPICS[0], [*good, *plain, *bad.items()]))
     worker = WorkerProcess(broker, 9210)
     try:
-        items = asyncio.run(outputs(broker.bootstrap, set(sent), timeout=120))
+        items = outputs(broker.bootstrap, set(sent), timeout=120)
     finally:
         assert worker.stop() == 0
     assert sources(items) == Counter(sent)  # every input exactly once, nothing lost
@@ -125,7 +107,7 @@ def test_sigkill_mid_stream_loses_nothing(broker: TansuBroker) -> None:
     first.stop(signal.SIGKILL)
     second = WorkerProcess(broker, 9211)
     try:
-        items = asyncio.run(outputs(broker.bootstrap, set(sent), timeout=180))
+        items = outputs(broker.bootstrap, set(sent), timeout=180)
     finally:
         second.stop()
     counts = sources(items)
@@ -147,7 +129,7 @@ def test_two_workers_share_partitions_and_one_takes_over(broker: TansuBroker) ->
             worker.wait_until(has_consumed, "given partitions", timeout=60)
         assert one.stop(signal.SIGTERM) == 0  # finishes its batch, commits, leaves the group
         sent += send_texts(broker, 1000, start=3000)
-        items = asyncio.run(outputs(broker.bootstrap, set(sent), timeout=180))
+        items = outputs(broker.bootstrap, set(sent), timeout=180)
     finally:
         one.stop()
         two.stop()
@@ -158,14 +140,14 @@ def test_worker_recovers_when_the_broker_comes_back(broker: TansuBroker) -> None
     worker = WorkerProcess(broker, 9214)
     try:
         before = send_texts(broker, 100)
-        assert set(sources(asyncio.run(outputs(broker.bootstrap, set(before), 60)))) == set(before)
+        assert set(sources(outputs(broker.bootstrap, set(before), 60))) == set(before)
         broker.stop()
         worker.wait_until(lambda: worker.probe("/readyz") == 503, "aware of the outage")
         assert worker.probe("/livez") == 200  # alive and waiting, not crash-looping
         broker.start()
         asyncio.run(create_topics(broker.bootstrap, TOPICS))  # in-memory broker starts empty
         after = send_texts(broker, 100)
-        items = asyncio.run(outputs(broker.bootstrap, set(after), timeout=120))
+        items = outputs(broker.bootstrap, set(after), timeout=120)
         assert set(sources(items)) == set(after)
         assert worker.proc.poll() is None and worker.probe("/readyz") == 200
     finally:
