@@ -45,7 +45,7 @@ JobTexts = Annotated[
 ]
 
 
-class Sentiment(BaseModel):
+class SentimentScore(BaseModel):
     label: Literal["POSITIVE", "NEGATIVE"] = Field(examples=["POSITIVE"])
     score: float = Field(ge=0, le=1, description="Probability of the label", examples=[0.998])
 
@@ -58,7 +58,7 @@ class ModelRef(BaseModel):
 
 class PredictResponse(BaseModel):
     text: str
-    sentiment: Sentiment
+    sentiment: SentimentScore
     model: ModelRef
 
 
@@ -81,7 +81,7 @@ class JobStatus(BaseModel):
 class JobResultItem(BaseModel):
     index: int
     text: str
-    sentiment: Sentiment
+    sentiment: SentimentScore
 
 
 class JobResults(BaseModel):

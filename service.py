@@ -41,10 +41,8 @@ from schemas import (
     ModelInfo,
     ModelRef,
     PredictResponse,
+    SentimentScore,
     Text,
-)
-from schemas import (
-    Sentiment as SentimentBody,
 )
 from settings import get_settings
 
@@ -67,7 +65,6 @@ async def invalid_query(_: Request, exc: RequestValidationError) -> JSONResponse
 
 def overloaded(err: Overloaded) -> Any:
     """A prompt 503 with Retry-After. Returned (not raised) so BentoML passes it through as is."""
-    get_metrics()  # make sure the counter exists before the middleware counts it
     return JSONResponse(
         {"error": f"overloaded: {err}; retry shortly"},
         status_code=503,
@@ -75,8 +72,8 @@ def overloaded(err: Overloaded) -> Any:
     )
 
 
-def sentiment(label: str, score: float) -> SentimentBody:
-    return SentimentBody.model_validate({"label": label, "score": score})
+def sentiment(label: str, score: float) -> SentimentScore:
+    return SentimentScore.model_validate({"label": label, "score": score})
 
 
 def job_status(job: Job) -> JobStatus:
@@ -167,14 +164,15 @@ class Sentiment:
     @bentoml.on_startup
     async def resume_jobs(self) -> None:
         """Run queued jobs in the background, resuming any that a restart interrupted."""
-        asyncio.get_running_loop().create_task(self.run_jobs())
+        # Keep a reference: the event loop holds tasks weakly.
+        self.jobs_task = asyncio.get_running_loop().create_task(self.run_jobs())
 
     async def run_jobs(self) -> None:
         chunk = max(1, settings.max_batch_size // 2)  # leaves seats for interactive texts
         while True:
+            self.jobs_wakeup.clear()  # before looking, so a job submitted meanwhile wakes us
             job = await asyncio.to_thread(self.jobs.next_unfinished)
             if job is None:
-                self.jobs_wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.jobs_wakeup.wait(), timeout=5)
                 continue
