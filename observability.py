@@ -8,6 +8,7 @@ write to a registry that BentoML's /metrics never reads.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
@@ -70,8 +71,6 @@ def get_metrics() -> Metrics:
 
 def render_metrics() -> tuple[bytes, str]:
     """The Prometheus exposition of this process, or of all workers when BentoML runs several."""
-    import os
-
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
 

@@ -50,7 +50,14 @@ class Server:
     def __init__(self, target: str, port: int, **env: str) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.target, self.port = target, port
-        self.env = {**os.environ, **env}
+        # BentoML keeps Prometheus files in $BENTOML_HOME/prometheus_multiproc_dir and clears
+        # them when a server starts: each server gets a home of its own that shares the store.
+        home = Path(tempfile.mkdtemp(prefix=f"bentoml-home-{port}-"))
+        for shared in ("models", "bentos"):
+            store = Path(os.environ["BENTOML_HOME"]) / shared
+            store.mkdir(exist_ok=True)
+            (home / shared).symlink_to(store)
+        self.env = {**os.environ, "BENTOML_HOME": str(home), **env}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, ready_path: str = "/readyz") -> Server:
