@@ -14,8 +14,9 @@ import onnxruntime
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.optimizer import optimize_model
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig
 
+from models.architecture import load_classifier
 from models.store import FP32_FILE, INT8_FILE
 
 OPSET = 17
@@ -49,7 +50,7 @@ def ffn_output_projections(model: onnx.ModelProto) -> list[str]:
 def export_onnx(hf_dir: Path, out_dir: Path) -> tuple[Path, Path]:
     """Write the fp32 model (ORT-optimised, fused attention) and its int8 twin into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForSequenceClassification.from_pretrained(hf_dir)
+    model = load_classifier(hf_dir)
     wrapper = _LogitsOnly(model).eval()  # eval() on the wrapper too, or dropout stays on
     sample = torch.ones(2, 16, dtype=torch.long)
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,7 +25,7 @@ from models.train import DEFAULT_CONFIG, TrainConfig, base_model_dir, train
 log = structlog.get_logger(__name__)
 
 # Bump when a change to the pipeline code should make `make model` build a new version.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 SERVING_MAX_LENGTH = 128
 # Gates that catch a broken export: a stored ONNX graph must agree with its PyTorch source.
 FP32_MIN_AGREEMENT = 0.999
@@ -113,7 +113,9 @@ def build(
 
 def _load_source(source: str) -> tuple[Any, Any]:
     """A local Hugging Face folder, or a hub id when no such folder exists."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from models.architecture import load_classifier
 
     folder = Path(source)
     if folder.exists():
@@ -126,7 +128,7 @@ def _load_source(source: str) -> tuple[Any, Any]:
                 "model weights (*.safetensors or *.bin)"
             )
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(source)
+        model: Any = load_classifier(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:
         where = "folder" if folder.exists() else "hub id (is the Hugging Face hub reachable?)"

@@ -2,7 +2,8 @@
 
 Length-sorted batches with dynamic padding keep the 2-core CPU busy with real tokens instead of
 padding; soft targets (the share of human raters who leaned positive) tell the model how sure
-people were, which helps with the noisy, near-neutral sentences.
+people were, which helps with the noisy, near-neutral sentences. The recipe (mean pooling,
+batch 16, lr 6e-5, 4 epochs) won on validation accuracy among the variants in the README.
 """
 
 from __future__ import annotations
@@ -10,33 +11,45 @@ from __future__ import annotations
 import copy
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import (
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedTokenizerBase,
     get_linear_schedule_with_warmup,
 )
 
 from models import LABELS
+from models.architecture import MeanPoolingBertForSequenceClassification
 from models.data import Example, Splits
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Without native bfloat16 instructions, autocast emulates them and runs slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 32
-    learning_rate: float = 1e-4
+    epochs: int = 4
+    batch_size: int = 16
+    learning_rate: float = 6e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_length: int = 96
     soft_weight: float = 0.5  # 0 = hard labels only, 1 = human-rating shares only
     seed: int = 13
+    # bfloat16 matmuls with fp32 master weights: twice the training speed on CPUs with
+    # AVX512-BF16 or AMX, the same accuracy (README, Model). Evaluation and export stay fp32.
+    bf16: bool = field(default_factory=lambda: cpu_has_fast_bf16())
     max_steps: int | None = None  # a cap for smoke runs
 
 
@@ -98,12 +111,7 @@ def train(splits: Splits, output_dir: Path, config: TrainConfig = DEFAULT_CONFIG
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir())
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base_model_dir(),
-        num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)),
-        label2id={label: i for i, label in enumerate(LABELS)},
-    )
+    model = MeanPoolingBertForSequenceClassification.from_encoder(base_model_dir(), LABELS)
     train_set = splits.train
     encoded = tokenizer([e.text for e in train_set], truncation=True, max_length=config.max_length)[
         "input_ids"
@@ -135,7 +143,9 @@ def train(splits: Splits, output_dir: Path, config: TrainConfig = DEFAULT_CONFIG
                 break
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
             p = targets[idx]
-            log_probs = torch.log_softmax(model(**batch).logits, dim=-1)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                logits = model(**batch).logits
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
             loss = -(p * log_probs[:, 1] + (1 - p) * log_probs[:, 0]).mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -60,11 +60,12 @@ class OnnxBackend:
 class TorchBackend:
     def __init__(self, hf_dir: Path, threads: int) -> None:
         import torch
-        from transformers import AutoModelForSequenceClassification
+
+        from models.architecture import load_classifier
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+        self.model = load_classifier(hf_dir).eval()
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():

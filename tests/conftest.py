@@ -28,7 +28,7 @@ from models.train import TrainConfig
 from settings import get_settings
 
 SMALL_LIMIT = 1000
-SMALL_CONFIG = TrainConfig(epochs=1, learning_rate=1e-4)  # 1,000 sentences: 25 steps
+SMALL_CONFIG = TrainConfig(epochs=1, learning_rate=1e-4)  # 1,000 sentences: 50 steps
 
 
 @pytest.fixture(scope="session")

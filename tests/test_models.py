@@ -12,11 +12,17 @@ from pathlib import Path
 import bentoml
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertForSequenceClassification,
+)
 
+from models.architecture import load_classifier
 from models.data import load_splits
 from models.pipeline import ModelSourceError, build, import_model
 from models.store import get
+from models.train import base_model_dir
 from runners.engine import load_engine
 from tests.conftest import SMALL_CONFIG, SMALL_LIMIT
 
@@ -34,7 +40,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_split_is_seeded_disjoint_and_movie_only_where_held_out(data_dir: Path) -> None:
+def test_split_is_seeded_and_disjoint(data_dir: Path) -> None:
     first, second = load_splits(data_dir), load_splits(data_dir)
     assert first.fingerprint() == second.fingerprint()
     assert len(first.test) == len(first.validation) > 1000
@@ -128,10 +134,20 @@ def test_long_text_is_scored_over_all_its_windows(small_model) -> None:
     assert positive(whole) != pytest.approx(positive(first_window_only), abs=1e-4)
 
 
-def test_import_registers_a_local_hugging_face_folder(small_model, data_dir: Path) -> None:
-    imported = import_model(str(small_model.pytorch_dir), "imported", data_dir, limit=300)
+def test_import_registers_a_stock_hugging_face_folder(tmp_path: Path, data_dir: Path) -> None:
+    """What users bring: a standard BertForSequenceClassification with its [CLS] head (ours
+    reads mean-pooled tokens), labels in lower case."""
+    folder = tmp_path / "stock"
+    AutoModelForSequenceClassification.from_pretrained(
+        base_model_dir(), num_labels=2, id2label={0: "negative", 1: "positive"}
+    ).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base_model_dir()).save_pretrained(folder)
+
+    imported = import_model(str(folder), "imported", data_dir, limit=300)
     assert imported.tag.startswith("imported:")
-    assert imported.metadata["source"] == str(small_model.pytorch_dir)
+    assert imported.metadata["source"] == str(folder)
+    assert imported.metadata["labels"] == ["NEGATIVE", "POSITIVE"]
+    assert type(load_classifier(imported.pytorch_dir)) is BertForSequenceClassification
     assert imported.metadata["metrics"]["onnx-fp32"]["label_agreement_with_pytorch"] >= 0.999
 
 
