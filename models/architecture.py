@@ -69,7 +69,7 @@ AutoModelForSequenceClassification.register(
 )
 
 
-def load_classifier(source: str | Path, **kwargs: Any) -> PreTrainedModel:
+def load_classifier(source: str | Path) -> PreTrainedModel:
     """Any sequence classifier folder (or hub id), ours included."""
-    model: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    model: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(source)
     return model

@@ -33,7 +33,6 @@ class Example:
     text: str
     label: int  # 1 = POSITIVE, the sign of the mean human rating
     soft: float  # share of raters who leaned positive: a soft target for training
-    rating: float  # mean human rating on -4..+4
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ def _parse_set(truth: str, ratings: str) -> list[Example]:
         if mean == 0:
             continue  # no sign, no label
         examples.append(
-            Example(parts[2].strip(), int(mean > 0), shares.get(parts[0], float(mean > 0)), mean)
+            Example(parts[2].strip(), int(mean > 0), shares.get(parts[0], float(mean > 0)))
         )
     return examples
 
