@@ -43,7 +43,7 @@ format: env
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: env  ## the benchmark against a running `make run`
+bench: model  ## the HTTP benchmark: starts its own server on port 3100 (needs wrk)
 	$(PY) -m loadtests.benchmark
 
 clean:

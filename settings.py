@@ -70,6 +70,16 @@ class Settings(BaseSettings):
     worker_host: str = Field(default="0.0.0.0", description="Where the worker's probes listen.")
     worker_port: int = Field(default=9102, description="/metrics, /livez, /readyz of the worker")
 
+    @property
+    def model_store_tag(self) -> str:
+        """The model to load, as the BentoML store names it."""
+        return f"{self.model_name}:{self.model_tag}"
+
+    @property
+    def kafka_topics(self) -> tuple[str, str, str]:
+        """Input, results and dead-letter topics, in that order."""
+        return (self.kafka_input_topic, self.kafka_output_topic, self.kafka_dlq_topic)
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -23,7 +23,7 @@ async def main() -> None:
     settings = get_settings()
     configure_logging()
     log = structlog.get_logger("kafka_worker")
-    model = get(f"{settings.model_name}:{settings.model_tag}")
+    model = get(settings.model_store_tag)
     engine = load_engine(
         model,
         settings.backend,
@@ -41,7 +41,7 @@ async def main() -> None:
         loop.add_signal_handler(sig, worker.stopping.set)
     probes = web.AppRunner(probe_app(worker), access_log=None)
     await probes.setup()
-    await web.TCPSite(probes, "0.0.0.0", settings.worker_port).start()
+    await web.TCPSite(probes, settings.worker_host, settings.worker_port).start()
     log.info(
         "worker started",
         model=model.tag,

@@ -29,7 +29,7 @@ def main() -> None:
     settings = get_settings()
     port = int(settings.kafka_bootstrap_servers.rsplit(":", 1)[1])
     broker = TansuBroker(port, log_file=Path("/tmp/kubesentiment-tansu.log")).start()
-    topics = (settings.kafka_input_topic, settings.kafka_output_topic, settings.kafka_dlq_topic)
+    topics = settings.kafka_topics
     worker = None
     try:
         asyncio.run(create_topics(broker.bootstrap, topics))

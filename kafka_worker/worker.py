@@ -72,9 +72,10 @@ class Worker:
             "security_protocol": s.kafka_security_protocol,
         }
         if s.kafka_security_protocol in ("SSL", "SASL_SSL"):
-            cafile = str(s.kafka_ssl_cafile) if s.kafka_ssl_cafile else None
             options["ssl_context"] = (
-                create_ssl_context(cafile=cafile) if cafile else ssl.create_default_context()
+                create_ssl_context(cafile=str(s.kafka_ssl_cafile))
+                if s.kafka_ssl_cafile
+                else ssl.create_default_context()
             )
         if s.kafka_security_protocol.startswith("SASL"):
             options["sasl_mechanism"] = s.kafka_sasl_mechanism

@@ -32,31 +32,21 @@ from kafka_worker.local_broker import (
     produce,
     sources,
 )
-from loadtests.benchmark import HERE, png_base64, sample_texts
+from loadtests.benchmark import HERE, best_rate, png_base64, sample_texts
 from models.store import get
 from runners.engine import load_engine
 from settings import get_settings
 
-TOPICS = ("sentiment-requests", "sentiment-results", "sentiment-dlq")
+TOPICS = get_settings().kafka_topics
 PRODUCED = "kubesentiment_worker_produced_total"
 
 
-def raw_runner_throughput(texts: list[str], seconds: float = 3.0) -> float:
+def raw_runner_throughput(texts: list[str]) -> float:
     """Texts/s of the worker's own engine, in process, at the worker's batch size."""
     s = get_settings()
-    engine = load_engine(
-        get(f"{s.model_name}:{s.model_tag}"), s.backend, s.inference_threads, s.kafka_batch_size
-    )
+    engine = load_engine(get(s.model_store_tag), s.backend, s.inference_threads, s.kafka_batch_size)
     batch = texts[: s.kafka_batch_size]
-    engine.predict(batch)
-    best = 0.0
-    for _ in range(3):
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            engine.predict(batch)
-            done += len(batch)
-        best = max(best, done / (time.perf_counter() - started))
-    return best
+    return best_rate(lambda: len(engine.predict(batch)))
 
 
 def messages(start: int, n: int) -> list[tuple[bytes | None, bytes | None]]:
@@ -113,7 +103,7 @@ def soak(broker: TansuBroker, cycles: int, per_cycle: int, seed: int = 5) -> dic
     )
     last.stop()
     counts = sources(items)
-    lost = len(set(sent) - set(counts))
+    lost = len(wanted - set(counts))
     return {
         "cycles": cycles,
         "messages": len(sent),

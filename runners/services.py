@@ -20,7 +20,7 @@ settings = get_settings()
 
 class _Runner:
     backend: ClassVar[Backend]
-    model_ref = bentoml.models.BentoModel(f"{settings.model_name}:{settings.model_tag}")
+    model_ref = bentoml.models.BentoModel(settings.model_store_tag)
 
     def __init__(self) -> None:
         model = StoredModel.from_bentoml(self.model_ref)

@@ -21,8 +21,9 @@ from kafka_worker.local_broker import (
     sources,
 )
 from models.store import StoredModel
+from settings import get_settings
 
-TOPICS = ("sentiment-requests", "sentiment-results", "sentiment-dlq")
+TOPICS = get_settings().kafka_topics
 BROKER_PORT = 19210
 
 
