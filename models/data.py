@@ -28,11 +28,20 @@ INNER_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.
 MOVIES = "movieReviewSnippets"
 
 
+RATING_SCALE = tuple(range(-4, 5))  # each rater scored a sentence from -4 to +4
+
+
 @dataclass(frozen=True)
 class Example:
     text: str
     label: int  # 1 = POSITIVE, the sign of the mean human rating
-    soft: float  # share of raters who leaned positive: a soft target for training
+    rating_shares: tuple[float, ...]  # share of the raters who gave each score on RATING_SCALE
+
+    @property
+    def soft(self) -> float:
+        """The share of raters who leaned positive (a neutral 0 counts half): a soft target."""
+        neutral = RATING_SCALE.index(0)
+        return sum(self.rating_shares[neutral + 1 :]) + 0.5 * self.rating_shares[neutral]
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,8 @@ class Splits:
         digest = hashlib.sha256()
         for name, part in (("train", self.train), ("val", self.validation), ("test", self.test)):
             for ex in part:
-                digest.update(f"{name}\t{ex.label}\t{ex.soft:.4f}\t{ex.text}\n".encode())
+                shares = ",".join(f"{share:.4f}" for share in ex.rating_shares)
+                digest.update(f"{name}\t{ex.label}\t{shares}\t{ex.text}\n".encode())
         return digest.hexdigest()[:16]
 
 
@@ -79,16 +89,15 @@ def fetch_sdist(data_dir: Path) -> Path:
     return target
 
 
-def _parse_ratings(text: str) -> dict[str, float]:
-    """Per sentence id, the share of raters who leaned positive (a tie counts half)."""
+def _parse_ratings(text: str) -> dict[str, tuple[float, ...]]:
+    """Per sentence id, the share of its raters who gave each score on RATING_SCALE."""
     shares = {}
     for line in text.splitlines():
         parts = line.lstrip("\ufeff").split("\t")
         if len(parts) < 4:
             continue
         votes = [int(v) for v in parts[3].strip("[] ").split(",") if v.strip()]
-        positive = sum(v > 0 for v in votes) + 0.5 * sum(v == 0 for v in votes)
-        shares[parts[0]] = positive / len(votes)
+        shares[parts[0]] = tuple(votes.count(score) / len(votes) for score in RATING_SCALE)
     return shares
 
 
@@ -102,9 +111,9 @@ def _parse_set(truth: str, ratings: str) -> list[Example]:
         mean = float(parts[1])
         if mean == 0:
             continue  # no sign, no label
-        examples.append(
-            Example(parts[2].strip(), int(mean > 0), shares.get(parts[0], float(mean > 0)))
-        )
+        if parts[0] not in shares:
+            raise RuntimeError(f"sentence {parts[0]} has a mean rating but no individual ratings")
+        examples.append(Example(parts[2].strip(), int(mean > 0), shares[parts[0]]))
     return examples
 
 

@@ -25,7 +25,7 @@ from models.train import DEFAULT_CONFIG, TrainConfig, base_model_dir, train
 log = structlog.get_logger(__name__)
 
 # Bump when a change to the pipeline code should make `make model` build a new version.
-PIPELINE_VERSION = 3
+PIPELINE_VERSION = 4
 SERVING_MAX_LENGTH = 128
 # Gates that catch a broken export: a stored ONNX graph must agree with its PyTorch source.
 FP32_MIN_AGREEMENT = 0.999

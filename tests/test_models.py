@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from models.architecture import load_classifier
-from models.data import load_splits
+from models.data import RATING_SCALE, Example, load_splits
 from models.pipeline import ModelSourceError, build, import_model
 from models.store import get
 from models.train import base_model_dir
@@ -49,6 +49,19 @@ def test_split_is_seeded_and_disjoint(data_dir: Path) -> None:
     assert not {e.text for e in first.test} & {e.text for e in first.validation}
     assert 0.4 < np.mean([e.label for e in first.test]) < 0.6
     assert load_splits(data_dir, seed=99).fingerprint() != first.fingerprint()
+
+
+def test_rating_shares_agree_with_the_labels(data_dir: Path) -> None:
+    """The training-only head learns the raters' spread over the scale; the spread read from the
+    ratings file must be the same ratings whose mean gave each sentence its label."""
+    for example in load_splits(data_dir).train:
+        assert sum(example.rating_shares) == pytest.approx(1)
+        shares = zip(RATING_SCALE, example.rating_shares, strict=True)
+        mean = sum(score * share for score, share in shares)
+        assert (mean > 0) == example.label, example.text
+    # The soft target: raters above 0, plus half of those at 0.
+    spread = dict.fromkeys(RATING_SCALE, 0.0) | {-2: 0.25, 0: 0.25, 3: 0.5}
+    assert Example("x", 1, tuple(spread.values())).soft == 0.625
 
 
 def test_build_registers_every_back_end_with_metadata(small_model) -> None:
