@@ -11,6 +11,7 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
+import onnx
 import pytest
 from transformers import (
     AutoModelForSequenceClassification,
@@ -20,6 +21,7 @@ from transformers import (
 
 from models.architecture import load_classifier
 from models.data import RATING_SCALE, Example, load_splits
+from models.export import FP32_FEED_FORWARD_LAYERS, early_feed_forward_matmuls
 from models.pipeline import ModelSourceError, build, import_model
 from models.store import get
 from models.train import base_model_dir
@@ -122,6 +124,17 @@ def test_onnx_back_ends_agree_with_pytorch(small_model, data_dir: Path) -> None:
         )
     assert np.max(np.abs(scores["onnx-fp32"] - scores["pytorch"])) < 1e-3
     assert np.max(np.abs(scores["onnx-int8"] - scores["pytorch"])) < 0.05
+
+
+def test_int8_graph_keeps_the_early_feed_forward_blocks_in_fp32(small_model) -> None:
+    """The int8 layout is chosen by node name: a torch upgrade that renamed the exported nodes
+    would silently quantise everything and cost agreement with PyTorch."""
+    fp32 = onnx.load(small_model.onnx_file(quantized=False))
+    kept = early_feed_forward_matmuls(fp32)
+    assert len(kept) == 2 * FP32_FEED_FORWARD_LAYERS
+    int8 = {n.name: n.op_type for n in onnx.load(small_model.onnx_file(quantized=True)).graph.node}
+    assert all(int8[name] == "MatMul" for name in kept)
+    assert sum(op == "MatMulInteger" for op in int8.values()) >= 20  # the rest is int8
 
 
 def test_engine_tokenises_like_transformers(small_model) -> None:
