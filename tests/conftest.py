@@ -3,6 +3,7 @@ the real pipeline (a few hundred sentences, seconds), so tests never touch your 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import httpx
+import psutil
 import pytest
 
 from models.pipeline import build
@@ -94,14 +96,26 @@ class Server:
         raise RuntimeError(f"server not ready in 120 s: {self.log.read_text()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the server and every process under it. BentoML starts each worker in a session
+        of its own, so a signal to the server's process group alone never reaches them: after a
+        SIGKILL they lived on, kept serving the port and kept running the jobs loop."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
+            workers = psutil.Process(self.proc.pid).children(recursive=True)
+            self._signal([self.proc.pid, *(w.pid for w in workers)], sig)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                self._signal([self.proc.pid], signal.SIGKILL)
                 self.proc.wait()
+            _, alive = psutil.wait_procs(workers, timeout=30)
+            self._signal([w.pid for w in alive], signal.SIGKILL)
         self.proc = None
+
+    @staticmethod
+    def _signal(pids: list[int], sig: int) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # already gone
+                os.kill(pid, sig)
 
 
 @pytest.fixture(scope="session")
