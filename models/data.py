@@ -26,8 +26,6 @@ INNER_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.
 # The archive also rates tweets, Amazon and NYT sentences. Training on them as well (the clearly
 # non-neutral ones) doubled training time and did not raise validation accuracy (README, Model).
 MOVIES = "movieReviewSnippets"
-
-
 RATING_SCALE = tuple(range(-4, 5))  # each rater scored a sentence from -4 to +4
 
 

@@ -54,7 +54,7 @@ class TrainConfig:
     seed: int = 13
     # bfloat16 matmuls with fp32 master weights: twice the training speed on CPUs with
     # AVX512-BF16 or AMX, the same accuracy (README, Model). Evaluation and export stay fp32.
-    bf16: bool = field(default_factory=lambda: cpu_has_fast_bf16())
+    bf16: bool = field(default_factory=cpu_has_fast_bf16)
     max_steps: int | None = None  # a cap for smoke runs
 
 

@@ -100,7 +100,10 @@ class Server:
         of its own, so a signal to the server's process group alone never reaches them: after a
         SIGKILL they lived on, kept serving the port and kept running the jobs loop."""
         if self.proc is not None and self.proc.poll() is None:
-            workers = psutil.Process(self.proc.pid).children(recursive=True)
+            try:
+                workers = psutil.Process(self.proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:  # it exited between poll() and here
+                workers = []
             self._signal([self.proc.pid, *(w.pid for w in workers)], sig)
             try:
                 self.proc.wait(timeout=30)
