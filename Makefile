@@ -7,8 +7,6 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 
 export BENTOML_DO_NOT_TRACK := true
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: env model run test lint format bench clean worker kafka-demo kafka-bench
@@ -37,7 +35,7 @@ test: env  ## the whole test suite
 lint: env
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy .
+	$(VENV)/bin/mypy
 
 format: env
 	$(VENV)/bin/ruff format .
@@ -53,7 +51,7 @@ worker: model  ## the Kafka worker against $KAFKA_BOOTSTRAP_SERVERS
 	$(PY) -m kafka_worker
 
 kafka-demo: model  ## a local Tansu broker, the worker, sample messages and their results
-	$(PY) -m kafka_worker.demo
+	$(PY) -m devtools.kafka_demo
 
 kafka-bench: model  ## Kafka end-to-end throughput and the SIGKILL soak, with reports
 	$(PY) -m loadtests.kafka_benchmark

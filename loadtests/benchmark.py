@@ -31,8 +31,8 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from models.store import get
 from runners.engine import load_engine
+from runners.model_store import get
 from settings import get_settings
 
 HERE = Path(__file__).parent

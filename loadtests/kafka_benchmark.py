@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kafka_worker.local_broker import (
+from devtools.local_kafka import (
     TansuBroker,
     WorkerProcess,
     collect,
@@ -33,8 +33,8 @@ from kafka_worker.local_broker import (
     sources,
 )
 from loadtests.benchmark import HERE, best_rate, png_base64, sample_texts
-from models.store import get
 from runners.engine import load_engine
+from runners.model_store import get
 from settings import get_settings
 
 TOPICS = get_settings().kafka_topics

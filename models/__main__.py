@@ -10,8 +10,7 @@ from pathlib import Path
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
-from models.train import TrainConfig
-from settings import get_settings
+from settings import get_settings, use_local_models_only
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,10 +41,11 @@ def _parser() -> argparse.ArgumentParser:
         help="train, export, quantise, evaluate and register the default model; "
         "skipped when the store already holds it (what `make model` runs)",
     )
-    defaults = TrainConfig()
-    build.add_argument("--epochs", type=int, default=defaults.epochs)
-    build.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    build.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    # Defaults are TrainConfig's, filled in after parsing: importing it here would import
+    # transformers before main() decides whether the hub may be used.
+    build.add_argument("--epochs", type=int, help="default: the recipe's")
+    build.add_argument("--learning-rate", type=float, help="default: the recipe's")
+    build.add_argument("--batch-size", type=int, help="default: the recipe's")
     build.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
     build.add_argument("--force", action="store_true", help="build even if the store has it")
 
@@ -59,7 +59,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from models import data, pipeline, store
+    if args.command != "import" or Path(args.source).exists():
+        use_local_models_only()  # only `import <hub id>` needs the hub
+    from models import data, pipeline
+    from models.train import TrainConfig
+    from runners import model_store
 
     try:
         if args.command == "data":
@@ -75,14 +79,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         elif args.command == "build":
-            if args.epochs < 1 or args.batch_size < 1 or args.learning_rate <= 0:
+            chosen = {
+                "epochs": args.epochs,
+                "learning_rate": args.learning_rate,
+                "batch_size": args.batch_size,
+            }
+            if any(value is not None and value <= 0 for value in chosen.values()):
                 raise ValueError("--epochs, --batch-size and --learning-rate must be positive")
-            config = TrainConfig(
-                epochs=args.epochs,
-                learning_rate=args.learning_rate,
-                batch_size=args.batch_size,
-                max_steps=args.max_steps,
-            )
+            overrides = {k: v for k, v in chosen.items() if v is not None}
+            config = TrainConfig(**overrides, max_steps=args.max_steps)
             stored = pipeline.build(args.name, args.data_dir, config, args.limit, args.force)
             print(stored.tag)
         elif args.command == "import":
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             from models.evaluate import evaluate
 
-            stored = store.get(args.tag or args.name)
+            stored = model_store.get(args.tag or args.name)
             splits = data.load_splits(args.data_dir, limit=args.limit)
             print(json.dumps(evaluate(stored, splits.test), indent=2))
     except (pipeline.ModelSourceError, LookupError, ValueError) as err:

@@ -9,8 +9,8 @@ import numpy as np
 from tqdm import tqdm
 
 from models.data import Example
-from models.store import StoredModel
 from runners.engine import load_engine
+from runners.model_store import StoredModel
 from settings import Backend
 
 BACKENDS: tuple[Backend, ...] = get_args(Backend)[::-1]  # pytorch first: the reference

@@ -16,8 +16,8 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.optimizer import optimize_model
 from transformers import AutoConfig
 
-from models.architecture import load_classifier
-from models.store import FP32_FILE, INT8_FILE
+from runners.architecture import load_classifier
+from runners.model_store import FP32_FILE, INT8_FILE
 
 OPSET = 17
 

@@ -19,8 +19,8 @@ from models import LABELS
 from models.data import Splits, load_splits
 from models.evaluate import evaluate
 from models.export import export_onnx
-from models.store import ONNX_DIR, PYTORCH_DIR, StoredModel, find_by_recipe, register
 from models.train import DEFAULT_CONFIG, TrainConfig, base_model_dir, train
+from runners.model_store import ONNX_DIR, PYTORCH_DIR, StoredModel, find_by_recipe, register
 
 log = structlog.get_logger(__name__)
 
@@ -115,7 +115,7 @@ def _load_source(source: str) -> tuple[Any, Any]:
     """A local Hugging Face folder, or a hub id when no such folder exists."""
     from transformers import AutoTokenizer
 
-    from models.architecture import load_classifier
+    from runners.architecture import load_classifier
 
     folder = Path(source)
     if folder.exists():

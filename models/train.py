@@ -28,8 +28,8 @@ from transformers import (
 )
 
 from models import LABELS
-from models.architecture import MeanPoolingBertForSequenceClassification
 from models.data import RATING_SCALE, Example, Splits
+from runners.architecture import MeanPoolingBertForSequenceClassification
 
 
 def cpu_has_fast_bf16() -> bool:

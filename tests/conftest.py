@@ -16,8 +16,6 @@ from pathlib import Path
 # Before bentoml is imported anywhere: its store location is read once.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="kubesentiment-test-bentoml-")
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import httpx
@@ -25,8 +23,8 @@ import psutil
 import pytest
 
 from models.pipeline import build
-from models.store import StoredModel
 from models.train import TrainConfig
+from runners.model_store import StoredModel
 from settings import get_settings
 
 SMALL_LIMIT = 1000
@@ -49,26 +47,33 @@ ROOT = Path(__file__).resolve().parents[1]
 class Server:
     """A real `bentoml serve` of one of our services, on loopback, until stopped."""
 
-    def __init__(self, target: str, port: int, **env: str) -> None:
+    def __init__(
+        self,
+        target: str,
+        port: int,
+        bentoml: Path = Path(sys.executable).parent / "bentoml",
+        cwd: Path = ROOT,
+        **env: str,
+    ) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.target, self.port = target, port
+        self.bentoml, self.cwd = bentoml, cwd
         # BentoML keeps Prometheus files in $BENTOML_HOME/prometheus_multiproc_dir and clears
         # them when a server starts: each server gets a home of its own that shares the store.
-        home = Path(tempfile.mkdtemp(prefix=f"bentoml-home-{port}-"))
+        self.home = Path(tempfile.mkdtemp(prefix=f"bentoml-home-{port}-"))
         for shared in ("models", "bentos"):
             store = Path(os.environ["BENTOML_HOME"]) / shared
             store.mkdir(exist_ok=True)
-            (home / shared).symlink_to(store)
-        self.env = {**os.environ, "BENTOML_HOME": str(home), **env}
+            (self.home / shared).symlink_to(store)
+        self.env = {**os.environ, "BENTOML_HOME": str(self.home), **env}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, ready_path: str = "/readyz") -> Server:
-        bentoml = Path(sys.executable).parent / "bentoml"
         self.log = Path(tempfile.gettempdir()) / f"kubesentiment-serve-{self.port}.log"
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
                 [
-                    str(bentoml),
+                    str(self.bentoml),
                     "serve",
                     self.target,
                     "--host",
@@ -76,7 +81,7 @@ class Server:
                     "--port",
                     str(self.port),
                 ],
-                cwd=ROOT,
+                cwd=self.cwd,
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -1,5 +1,5 @@
-"""`bentoml build` works offline, pins the model version and the CPU build of torch, and the
-built Bento serves."""
+"""`bentoml build` works offline, ships src/ and nothing else, pins the model version and the CPU
+build of torch, and the built Bento serves."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from models.store import StoredModel
+from runners.model_store import StoredModel
 from tests.conftest import ROOT, Server
 
 
@@ -34,8 +34,14 @@ def test_bento_builds_offline_pins_model_and_serves(
     manifest = yaml.safe_load((bento_dir / "bento.yaml").read_text())
     models = [m["tag"] for svc in manifest["services"] for m in svc["models"]]
     assert models == [small_model.tag]
+    shipped = {str(p.relative_to(bento_dir / "src")) for p in (bento_dir / "src").rglob("*.py")}
+    assert shipped >= {"service.py", "job_loop.py", "runners/engine.py", "kafka_worker/worker.py"}
+    assert not [
+        p for p in shipped if p.startswith(("models/", "devtools/", "tests/", "loadtests/"))
+    ]
     requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text()
     assert "torch==2.13.0+cpu" in requirements and "whl/cpu" in requirements
+    assert "aiokafka==0.14.0" in requirements  # the same image runs the Kafka worker
     dockerfile = (bento_dir / "env" / "docker" / "Dockerfile").read_text()
     assert "requirements.txt" in dockerfile
 

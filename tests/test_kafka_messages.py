@@ -15,7 +15,7 @@ from kafka_worker.messages import (
     parse,
     result_value,
 )
-from runners.engine import Prediction
+from runners.prediction import Prediction
 
 SOURCE = Source("sentiment-requests", 2, 41)
 

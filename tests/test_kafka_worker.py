@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kafka_worker.local_broker import (
+from devtools.local_kafka import (
     TansuBroker,
     WorkerProcess,
     collect,
@@ -20,7 +20,7 @@ from kafka_worker.local_broker import (
     produce,
     sources,
 )
-from models.store import StoredModel
+from runners.model_store import StoredModel
 from settings import get_settings
 
 TOPICS = get_settings().kafka_topics

@@ -19,13 +19,13 @@ from transformers import (
     BertForSequenceClassification,
 )
 
-from models.architecture import load_classifier
 from models.data import RATING_SCALE, Example, load_splits
 from models.export import FP32_FEED_FORWARD_LAYERS, early_feed_forward_matmuls
 from models.pipeline import ModelSourceError, build, import_model
-from models.store import get
 from models.train import base_model_dir
+from runners.architecture import load_classifier
 from runners.engine import load_engine
+from runners.model_store import get
 from tests.conftest import SMALL_CONFIG, SMALL_LIMIT
 
 ROOT = Path(__file__).resolve().parents[1]

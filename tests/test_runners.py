@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from models.store import StoredModel
+from runners.model_store import StoredModel
 from tests.conftest import Server
 
 TEXTS = [

@@ -1,16 +1,18 @@
 """The in-process batcher: batching forms under load, interactive work boards first, overload is
-refused at once, and an inference error reaches the callers without killing the loop."""
+refused at once, an inference error reaches the callers without killing the loop, the queue is
+visible, a caller that went away is dropped, and closing waits for the batch in flight."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from typing import Any
 
 import pytest
 
-from runners.engine import Prediction
-from runners.scheduler import BatchScheduler, Overloaded
+from runners.prediction import Prediction
+from runners.scheduler import BatchScheduler, Overloaded, QueueState
 
 
 class RecordingModel:
@@ -101,3 +103,79 @@ def test_inference_runs_off_the_event_loop_thread() -> None:
     scheduler = BatchScheduler(model, max_batch_size=8, max_queued_texts=100)
     asyncio.run(scheduler.submit(["x"]))
     assert seen and seen[0].startswith("inference")
+
+
+class GatedModel:
+    """Scores only once the test opens the gate, so the queue holds still while it looks."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.batches: list[list[str]] = []
+
+    def __call__(self, texts: list[str]) -> list[Prediction]:
+        assert self.gate.wait(10), "the test never opened the gate"
+        self.batches.append(list(texts))
+        return [Prediction("POSITIVE", 0.9) for _ in texts]
+
+
+def gated_scheduler(**observers: Any) -> tuple[GatedModel, BatchScheduler]:
+    model = GatedModel()
+    return model, BatchScheduler(model, max_batch_size=4, max_queued_texts=100, **observers)
+
+
+async def submitted(
+    scheduler: BatchScheduler, *requests: tuple[list[str], bool]
+) -> list[asyncio.Task[list[Prediction]]]:
+    """(texts, bulk) requests handed to the scheduler, once the event loop has queued them."""
+    tasks = [asyncio.create_task(scheduler.submit(texts, bulk=bulk)) for texts, bulk in requests]
+    await asyncio.sleep(0.05)
+    return tasks
+
+
+def test_queue_state_counts_waiting_texts_per_lane_and_requests_in_flight() -> None:
+    seen: list[QueueState] = []
+    model, scheduler = gated_scheduler(observe_queue=seen.append)
+
+    async def scenario() -> QueueState:
+        running = await submitted(scheduler, (["a"], False))  # boards at once, holds the model
+        waiting = await submitted(scheduler, (["b", "c"], False), (["d", "e", "f"], True))
+        state = scheduler.state
+        model.gate.set()
+        await asyncio.gather(*running, *waiting)
+        return state
+
+    assert asyncio.run(scenario()) == QueueState(2, 3, 3)
+    assert scheduler.state == QueueState(0, 0, 0) and seen[-1] == QueueState(0, 0, 0)
+    assert max(s.requests_in_flight for s in seen) == 3
+
+
+def test_a_cancelled_request_is_dropped_not_scored() -> None:
+    dropped: list[int] = []
+    model, scheduler = gated_scheduler(observe_dropped=dropped.append)
+
+    async def scenario() -> None:
+        running = await submitted(scheduler, (["a"], False))
+        leaving, staying = await submitted(scheduler, (["x", "y"], False), (["z"], False))
+        leaving.cancel()  # what the service does when the HTTP client disconnects
+        model.gate.set()
+        await asyncio.gather(*running, staying)
+
+    asyncio.run(scenario())
+    assert dropped == [2]
+    assert model.batches == [["a"], ["z"]]
+    assert scheduler.state == QueueState(0, 0, 0)
+
+
+def test_close_waits_for_the_batch_in_flight_and_stops_the_inference_thread() -> None:
+    model, scheduler = gated_scheduler()
+
+    async def scenario() -> None:
+        (running,) = await submitted(scheduler, (["a"], False))
+        threading.Timer(0.1, model.gate.set).start()
+        await scheduler.close()
+        running.cancel()
+
+    asyncio.run(scenario())
+    assert model.batches == [["a"]]  # the batch in flight was finished, not abandoned
+    with pytest.raises(RuntimeError, match="shutdown"):
+        scheduler._executor.submit(print)

@@ -1,19 +1,27 @@
 """The HTTP API against a real `bentoml serve`: every endpoint, every kind of bad input,
-batching under load, overload, back-end agreement and a batch job that survives a restart."""
+batching under load, overload, back-end agreement, batch jobs that survive a crash and a
+shutdown, expire and can be deleted, a job loop that survives its database failing, and clients
+that hang up."""
 
 from __future__ import annotations
 
 import json
 import re
 import signal
+import socket
+import sqlite3
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
-from models.store import StoredModel
+from runners.model_store import StoredModel
 from tests.conftest import Server
 
 TEXTS = [
@@ -114,6 +122,8 @@ def test_health_model_info_and_metrics(service: Server, small_model: StoredModel
     health = httpx.get(service.url + "/api/v1/health").json()
     assert health["status"] == "ok" and health["model_loaded"] is True
     assert health["model_version"] == small_model.version and health["uptime_seconds"] >= 0
+    assert health["jobs"] == {"state": "running", "error": None}
+    assert set(health["queue"]) == {"interactive_texts", "bulk_texts", "requests_in_flight"}
     info = httpx.get(service.url + "/api/v1/model-info").json()
     assert info["tag"] == small_model.tag and info["labels"] == ["NEGATIVE", "POSITIVE"]
     assert info["max_length"] == 128 and set(info["metrics"]) >= {"pytorch", "onnx-int8"}
@@ -127,6 +137,10 @@ def test_health_model_info_and_metrics(service: Server, small_model: StoredModel
         "kubesentiment_inference_batch_tokens_bucket",
         "kubesentiment_text_length_chars_bucket",
         "kubesentiment_errors_total",
+        'kubesentiment_queued_texts{lane="interactive"}',
+        'kubesentiment_queued_texts{lane="bulk"}',
+        "kubesentiment_scheduler_requests_in_flight",
+        "kubesentiment_dropped_texts_total",
     ):
         assert name in ours.text
     bentoml_metrics = httpx.get(service.url + "/metrics").text
@@ -155,6 +169,7 @@ def test_openapi_lists_every_endpoint_with_schemas(service: Server) -> None:
         "/api/v1/batch/predict",
         "/api/v1/batch/status/{job_id}",
         "/api/v1/batch/results/{job_id}",
+        "/api/v1/batch/{job_id}",
         "/api/v1/health",
         "/api/v1/model-info",
         "/api/v1/metrics",
@@ -277,3 +292,135 @@ def test_pytorch_and_onnx_back_ends_agree_through_the_api(
     assert torch["model"]["backend"] == "pytorch" and onnx["model"]["backend"] == "onnx-int8"
     for a, b in zip(onnx["results"], torch["results"], strict=True):
         assert positive(a) == pytest.approx(positive(b), abs=0.05)
+
+
+def eventually(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not {what} within {timeout} s")
+
+
+def health(server: Server) -> httpx.Response:
+    return httpx.get(server.url + "/api/v1/health", timeout=10)
+
+
+def test_job_loop_survives_its_database_failing_and_health_says_so(
+    service: Server, jobs_db: Path
+) -> None:
+    """A real database fault, caused from outside as a botched migration would: the jobs table
+    disappears. The loop used to die on it for good while health kept saying ok."""
+    with sqlite3.connect(jobs_db) as db:
+        db.execute("ALTER TABLE jobs RENAME TO jobs_hidden")
+    try:
+        eventually(lambda: health(service).status_code == 503, "reported")
+        body = health(service).json()
+        assert body["status"] == "unavailable" and body["jobs"]["state"] == "retrying"
+        assert "no such table: jobs" in body["reason"] and "no such table" in body["jobs"]["error"]
+    finally:
+        with sqlite3.connect(jobs_db) as db:
+            db.execute("ALTER TABLE jobs_hidden RENAME TO jobs")
+    eventually(lambda: health(service).status_code == 200, "recovered")
+    job = post(service, "/api/v1/batch/predict", {"texts": TEXTS}).json()
+    assert wait_for_job(service, job["job_id"])["status"] == "completed"
+
+
+def job_texts_rows(db: Path, job_id: str) -> int:
+    with sqlite3.connect(db) as con:
+        (count,) = con.execute(
+            "SELECT COUNT(*) FROM job_texts WHERE job_id = ?", (job_id,)
+        ).fetchone()
+    return int(count)
+
+
+def test_delete_cancels_a_running_job_and_removes_its_texts(service: Server, jobs_db: Path) -> None:
+    texts = [f"{TEXTS[i % 4]} ~{i}" for i in range(20_000)]
+    job = post(service, "/api/v1/batch/predict", {"texts": texts}).json()
+    status_url = f"{service.url}/api/v1/batch/status/{job['job_id']}"
+    eventually(lambda: httpx.get(status_url).json()["processed"] > 0, "running")
+    assert httpx.delete(f"{service.url}/api/v1/batch/{job['job_id']}").status_code == 204
+    assert httpx.get(status_url).status_code == 404
+    again = httpx.delete(f"{service.url}/api/v1/batch/{job['job_id']}")
+    assert again.status_code == 404 and job["job_id"] in again.json()["error"]
+    after = post(service, "/api/v1/batch/predict", {"texts": TEXTS}).json()
+    assert wait_for_job(service, after["job_id"])["status"] == "completed"  # the loop went on
+    assert job_texts_rows(jobs_db, job["job_id"]) == 0  # the chunk in flight wrote nothing back
+
+
+def test_finished_jobs_are_deleted_after_the_retention(
+    small_model: StoredModel, tmp_path: Path
+) -> None:
+    db = tmp_path / "jobs.db"
+    server = Server("service:Sentiment", 3217, JOBS_DB=str(db), JOB_RETENTION="3s").start()
+    try:
+        job = post(server, "/api/v1/batch/predict", {"texts": TEXTS}).json()
+        assert wait_for_job(server, job["job_id"])["status"] == "completed"
+        status_url = f"{server.url}/api/v1/batch/status/{job['job_id']}"
+        eventually(lambda: httpx.get(status_url).status_code == 404, "expired", timeout=30)
+    finally:
+        server.stop()
+    assert job_texts_rows(db, job["job_id"]) == 0
+
+
+def scored_rows(server: Server) -> float:
+    """Text windows the model scored in a server's processes, running or gone: BentoML keeps each
+    process's Prometheus samples in files under its home."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(server.home / "prometheus_multiproc_dir"))
+    return registry.get_sample_value("kubesentiment_inference_batch_size_sum") or 0.0
+
+
+def test_sigterm_mid_job_saves_the_chunk_in_flight_and_the_restart_scores_the_rest_once(
+    small_model: StoredModel, tmp_path: Path
+) -> None:
+    db = tmp_path / "jobs.db"
+    texts = [f"{TEXTS[i % 4]} <{i}>" for i in range(5_000)]  # one window each
+    first = Server("service:Sentiment", 3216, JOBS_DB=str(db)).start()
+    job = post(first, "/api/v1/batch/predict", {"texts": texts}).json()
+    status_path = f"/api/v1/batch/status/{job['job_id']}"
+    eventually(lambda: httpx.get(first.url + status_path).json()["processed"] > 0, "started")
+    first.stop(signal.SIGTERM)
+    assert "shut down cleanly" in first.log.read_text()
+    second = Server("service:Sentiment", 3216, JOBS_DB=str(db)).start()
+    try:
+        resumed = httpx.get(second.url + status_path).json()
+        assert resumed["status"] == "running" and 0 < resumed["processed"] < len(texts)
+        assert wait_for_job(second, job["job_id"])["status"] == "completed"
+        page = httpx.get(
+            f"{second.url}/api/v1/batch/results/{job['job_id']}", params={"limit": 10_000}
+        ).json()
+        assert [x["index"] for x in page["results"]] == list(range(len(texts)))
+    finally:
+        second.stop()
+    # Each server scored its one warm-up text; every text of the job was scored exactly once.
+    assert scored_rows(first) + scored_rows(second) == len(texts) + 2
+
+
+def test_texts_of_a_client_that_hung_up_are_dropped_not_scored(service: Server) -> None:
+    def metric(name: str) -> float:
+        return metric_value(httpx.get(service.url + "/api/v1/metrics").text, name)
+
+    dropped_before = metric("kubesentiment_dropped_texts_total")
+    long_text = " ".join(["the film was long and winding but it had its moments"] * 60)
+    busy = threading.Thread(  # about 400 windows: the model is busy for seconds
+        target=post, args=(service, "/api/v1/predict/batch", {"texts": [long_text] * 64})
+    )
+    busy.start()
+    eventually(lambda: health(service).json()["queue"]["requests_in_flight"] >= 1, "busy")
+    body = json.dumps({"texts": [f"nobody waits for me {i}" for i in range(7)]}).encode()
+    with socket.create_connection(("127.0.0.1", service.port)) as client:
+        client.sendall(
+            b"POST /api/v1/predict/batch HTTP/1.1\r\nHost: test\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        eventually(lambda: health(service).json()["queue"]["interactive_texts"] == 7, "queued")
+        assert metric('kubesentiment_queued_texts{lane="interactive"}') == 7
+    busy.join()
+    eventually(lambda: metric("kubesentiment_dropped_texts_total") == dropped_before + 7, "dropped")
+    assert health(service).json()["queue"] == {
+        "interactive_texts": 0,
+        "bulk_texts": 0,
+        "requests_in_flight": 0,
+    }

@@ -27,21 +27,12 @@ Text = Annotated[
     ),
     AfterValidator(_not_blank),
 ]
+EXAMPLE_TEXTS = [["What a great film.", "This was a terrible waste of time."]]
 BatchTexts = Annotated[
-    list[Text],
-    Field(
-        min_length=1,
-        max_length=settings.max_batch_texts,
-        examples=[["What a great film.", "This was a terrible waste of time."]],
-    ),
+    list[Text], Field(min_length=1, max_length=settings.max_batch_texts, examples=EXAMPLE_TEXTS)
 ]
 JobTexts = Annotated[
-    list[Text],
-    Field(
-        min_length=1,
-        max_length=settings.max_job_texts,
-        examples=[["What a great film.", "This was a terrible waste of time."]],
-    ),
+    list[Text], Field(min_length=1, max_length=settings.max_job_texts, examples=EXAMPLE_TEXTS)
 ]
 
 
@@ -93,12 +84,26 @@ class JobResults(BaseModel):
     results: list[JobResultItem]
 
 
+class JobLoopHealth(BaseModel):
+    state: Literal["starting", "running", "retrying", "stopped"]
+    error: str | None = Field(None, description="Why the loop is retrying, while it is")
+
+
+class QueueHealth(BaseModel):
+    interactive_texts: int = Field(description="Texts of /predict calls waiting for a batch")
+    bulk_texts: int = Field(description="Texts of batch jobs waiting for a batch")
+    requests_in_flight: int = Field(description="Requests waiting or being scored")
+
+
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "unavailable"]
+    reason: str | None = Field(None, description="Why the status is not ok")
     model_loaded: bool
     backend: str
     model_version: str
     uptime_seconds: float
+    jobs: JobLoopHealth
+    queue: QueueHealth
 
 
 class ModelInfo(BaseModel):

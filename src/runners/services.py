@@ -11,9 +11,10 @@ from typing import ClassVar
 
 import bentoml
 
-from models.store import StoredModel
-from runners.engine import Prediction, load_engine
-from settings import Backend, get_settings
+from runners.engine import load_engine
+from runners.model_store import StoredModel
+from runners.prediction import Prediction
+from settings import Backend, get_settings, use_local_models_only
 
 settings = get_settings()
 
@@ -23,6 +24,7 @@ class _Runner:
     model_ref = bentoml.models.BentoModel(settings.model_store_tag)
 
     def __init__(self) -> None:
+        use_local_models_only()
         model = StoredModel.from_bentoml(self.model_ref)
         self.engine = load_engine(
             model, self.backend, settings.inference_threads, settings.max_batch_size

@@ -11,16 +11,19 @@ import logging
 import os
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from runners.engine import Prediction
+from runners.prediction import Prediction
+
+if TYPE_CHECKING:
+    from runners.scheduler import QueueState
 
 
 class Metrics:
     def __init__(self) -> None:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.predictions = Counter(
             "kubesentiment_predictions", "Texts scored, by label and back end", ["label", "backend"]
@@ -49,10 +52,31 @@ class Metrics:
         self.errors = Counter(
             "kubesentiment_errors", "Requests answered with an error, by reason", ["reason"]
         )
+        # Gauges add up over the live worker processes ("livesum"): one number per pod.
+        self.queued_texts = Gauge(
+            "kubesentiment_queued_texts",
+            "Texts waiting for a model batch, by lane (interactive requests, bulk job work)",
+            ["lane"],
+            multiprocess_mode="livesum",
+        )
+        self.requests_in_flight = Gauge(
+            "kubesentiment_scheduler_requests_in_flight",
+            "Requests handed to the batcher and not yet answered (waiting or being scored)",
+            multiprocess_mode="livesum",
+        )
+        self.dropped_texts = Counter(
+            "kubesentiment_dropped_texts",
+            "Texts not scored because their client disconnected while they waited",
+        )
 
     def observe_batch(self, rows: int, tokens: int) -> None:
         self.batch_size.observe(rows)
         self.batch_tokens.observe(tokens)
+
+    def observe_queue(self, state: QueueState) -> None:
+        self.queued_texts.labels("interactive").set(state.interactive_texts)
+        self.queued_texts.labels("bulk").set(state.bulk_texts)
+        self.requests_in_flight.set(state.requests_in_flight)
 
     def observe_predictions(
         self, texts: Sequence[str], predictions: Sequence[Prediction], backend: str

@@ -12,10 +12,10 @@ worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import bentoml
 import structlog
@@ -25,15 +25,18 @@ from fastapi.responses import Response
 from starlette.responses import JSONResponse
 
 from api_errors import ApiErrors, readable
+from job_loop import JobLoop
 from jobs import Job, JobStore
-from models.store import StoredModel
 from observability import configure_logging, get_metrics, render_metrics
-from runners.engine import Prediction, load_engine
+from runners.engine import load_engine
+from runners.model_store import StoredModel
+from runners.prediction import Prediction
 from runners.scheduler import BatchScheduler, Overloaded
 from schemas import (
     BatchPredictResponse,
     BatchTexts,
     Health,
+    JobLoopHealth,
     JobResultItem,
     JobResults,
     JobStatus,
@@ -41,14 +44,17 @@ from schemas import (
     ModelInfo,
     ModelRef,
     PredictResponse,
+    QueueHealth,
     SentimentScore,
     Text,
 )
-from settings import get_settings
+from settings import get_settings, use_local_models_only
 
 settings = get_settings()
 log = structlog.get_logger("kubesentiment")
 GC_THRESHOLDS = (100_000, 50, 1000)  # CPython's defaults: (2000, 10, 10)
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for it: nobody reads it, the logs and metrics do
+T = TypeVar("T")
 read_api = FastAPI(title="KubeSentiment", description="Health, model, metrics and job results.")
 
 
@@ -63,13 +69,41 @@ async def invalid_query(_: Request, exc: RequestValidationError) -> JSONResponse
     return JSONResponse(readable({"detail": exc.errors()}), status_code=400)
 
 
-def overloaded(err: Overloaded) -> Any:
-    """A prompt 503 with Retry-After. Returned (not raised) so BentoML passes it through as is."""
-    return JSONResponse(
-        {"error": f"overloaded: {err}; retry shortly"},
-        status_code=503,
-        headers={"Retry-After": "1"},
-    )
+def error(ctx: bentoml.Context, status: int, reason: str, **headers: str) -> Any:
+    """An error answer from an API method. Returned, not raised; BentoML gives a returned response
+    the status and headers of `ctx.response`, so they are set there too."""
+    ctx.response.status_code = status
+    ctx.response.headers.update(headers)
+    return JSONResponse({"error": reason}, status_code=status, headers=headers)
+
+
+def unavailable(ctx: bentoml.Context, reason: str) -> Any:
+    """A prompt 503 with Retry-After: overload and shutdown are refused at once, not queued."""
+    return error(ctx, 503, reason, **{"Retry-After": "1"})
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T | None:
+    """The result of `work`, or None (and `work` cancelled) if the client disconnects first:
+    a client that gave up (a timeout, a closed tab) does not keep a seat in the next batch."""
+
+    async def disconnected() -> None:
+        # The body is read already: the next message is the disconnect (or the end of the
+        # exchange, when the response is sent).
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the request itself was cancelled (a server timeout)
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    return None
 
 
 def sentiment(label: str, score: float) -> SentimentScore:
@@ -97,6 +131,7 @@ class Sentiment:
     model_ref = bentoml.models.BentoModel(settings.model_store_tag)
 
     def __init__(self) -> None:
+        use_local_models_only()
         configure_logging()
         self.metrics = get_metrics()
         self.model = StoredModel.from_bentoml(self.model_ref)
@@ -109,10 +144,20 @@ class Sentiment:
         )
         self.engine.predict(["warm-up"])  # first call allocates; don't bill it to a user
         self.scheduler = BatchScheduler(
-            self.engine.predict, settings.max_batch_size, settings.max_queued_texts
+            self.engine.predict,
+            settings.max_batch_size,
+            settings.max_queued_texts,
+            observe_queue=self.metrics.observe_queue,
+            observe_dropped=self.metrics.dropped_texts.inc,
         )
         self.jobs = JobStore(settings.jobs_db)
-        self.jobs_wakeup = asyncio.Event()
+        self.job_loop = JobLoop(
+            self.jobs,
+            lambda texts: self.score(texts, bulk=True),
+            chunk=max(1, settings.max_batch_size // 2),  # leaves seats for interactive texts
+            retention=settings.job_retention,
+        )
+        self.accepting = True
         self.ref = ModelRef(
             name=self.model.name, version=self.model.version, backend=settings.backend
         )
@@ -122,7 +167,13 @@ class Sentiment:
         # collections stalled requests for 100-300 ms (p99 at 8 clients went from 312 to ~40 ms).
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
-        log.info("model loaded", tag=self.model.tag, backend=settings.backend)
+        log.info(
+            "model loaded", tag=self.model.tag, backend=settings.backend, jobs_db=settings.jobs_db
+        )
+
+    def __is_ready__(self) -> bool:
+        """BentoML's /readyz: not ready once shutdown began, so no new work is routed here."""
+        return self.accepting
 
     async def score(self, texts: list[str], bulk: bool = False) -> list[Prediction]:
         predictions = await self.scheduler.submit(texts, bulk=bulk)
@@ -135,56 +186,57 @@ class Sentiment:
         )
 
     @bentoml.api(route="/api/v1/predict")
-    async def predict(self, text: Text) -> PredictResponse:
+    async def predict(self, text: Text, ctx: bentoml.Context) -> PredictResponse:
         """Score one text."""
+        if not self.accepting:
+            return unavailable(ctx, "shutting down; retry on another replica")
         try:
-            (prediction,) = await self.score([text])
+            scored = await unless_client_leaves(ctx.request, self.score([text]))
         except Overloaded as err:
-            return overloaded(err)
-        return self.response(text, prediction)
+            return unavailable(ctx, f"overloaded: {err}; retry shortly")
+        if scored is None:
+            return error(ctx, CLIENT_CLOSED_REQUEST, "client closed the request")
+        return self.response(text, scored[0])
 
     @bentoml.api(route="/api/v1/predict/batch")
-    async def predict_batch(self, texts: BatchTexts) -> BatchPredictResponse:
+    async def predict_batch(self, texts: BatchTexts, ctx: bentoml.Context) -> BatchPredictResponse:
         """Score up to MAX_BATCH_TEXTS texts at once; results keep the input order."""
+        if not self.accepting:
+            return unavailable(ctx, "shutting down; retry on another replica")
         try:
-            predictions = await self.score(texts)
+            scored = await unless_client_leaves(ctx.request, self.score(texts))
         except Overloaded as err:
-            return overloaded(err)
-        results = [self.response(t, p) for t, p in zip(texts, predictions, strict=True)]
+            return unavailable(ctx, f"overloaded: {err}; retry shortly")
+        if scored is None:
+            return error(ctx, CLIENT_CLOSED_REQUEST, "client closed the request")
+        results = [self.response(t, p) for t, p in zip(texts, scored, strict=True)]
         return BatchPredictResponse(results=results, model=self.ref)
 
     @bentoml.api(route="/api/v1/batch/predict")
     async def submit_job(self, texts: JobTexts, ctx: bentoml.Context) -> JobStatus:
         """Queue up to MAX_JOB_TEXTS texts; poll /api/v1/batch/status/{job_id}."""
+        if not self.accepting:
+            return unavailable(ctx, "shutting down; retry on another replica")
         job = await asyncio.to_thread(self.jobs.create, texts)
-        self.jobs_wakeup.set()
+        self.job_loop.wakeup.set()
         ctx.response.status_code = 202
         return job_status(job)
 
     @bentoml.on_startup
-    async def resume_jobs(self) -> None:
+    async def start_job_loop(self) -> None:
         """Run queued jobs in the background, resuming any that a restart interrupted."""
-        # Keep a reference: the event loop holds tasks weakly.
-        self.jobs_task = asyncio.get_running_loop().create_task(self.run_jobs())
+        self.job_loop.start()
 
-    async def run_jobs(self) -> None:
-        chunk = max(1, settings.max_batch_size // 2)  # leaves seats for interactive texts
-        while True:
-            self.jobs_wakeup.clear()  # before looking, so a job submitted meanwhile wakes us
-            job = await asyncio.to_thread(self.jobs.next_unfinished)
-            if job is None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.jobs_wakeup.wait(), timeout=5)
-                continue
-            try:
-                while job.done < job.total:
-                    texts = await asyncio.to_thread(self.jobs.pending, job, chunk)
-                    predictions = await self.score(texts, bulk=True)
-                    job = await asyncio.to_thread(self.jobs.save, job, predictions)
-                log.info("batch job completed", job_id=job.id, texts=job.total)
-            except Exception as err:  # a job fails alone; the service and other jobs go on
-                log.exception("batch job failed", job_id=job.id)
-                await asyncio.to_thread(self.jobs.fail, job, f"{type(err).__name__}: {err}")
+    @bentoml.on_shutdown
+    async def shut_down(self) -> None:
+        """SIGTERM, after BentoML has answered the requests in flight: refuse new work, let the
+        job loop save its chunk in flight (the job stays resumable), close what we opened."""
+        self.accepting = False
+        log.info("shutting down", grace_s=settings.shutdown_timeout.total_seconds())
+        await self.job_loop.stop(settings.shutdown_timeout)
+        await self.scheduler.close()
+        await asyncio.to_thread(self.jobs.close)
+        log.info("shut down cleanly")
 
     @read_api.get(
         "/batch/status/{job_id}",
@@ -223,16 +275,51 @@ class Sentiment:
             results=items,
         )
 
-    @read_api.get("/health", response_model=Health)
-    def health(self) -> Health:
-        """Ready means the model is loaded and answered a warm-up call."""
-        return Health(
-            status="ok",
+    @read_api.delete(
+        "/batch/{job_id}",
+        status_code=204,
+        response_class=Response,
+        responses={404: {"description": "Unknown job id"}},
+    )
+    def delete_job(self, job_id: str) -> Response:
+        """Cancel a queued or running job and delete it with its texts and results."""
+        if not self.jobs.delete(job_id):
+            raise HTTPException(404, f"no batch job with id {job_id!r}")
+        log.info("batch job deleted", job_id=job_id)
+        return Response(status_code=204)
+
+    @read_api.get(
+        "/health",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "Shutting down, or jobs cannot run"}},
+    )
+    def health(self) -> Any:
+        """The model is loaded (the server answers only then); 503 with a reason while the
+        service shuts down or the batch job loop is retrying after an error."""
+        loop = self.job_loop
+        reason = None
+        if not self.accepting:
+            reason = "shutting down"
+        elif loop.state in ("retrying", "stopped"):
+            reason = f"batch job loop {loop.state}" + (f" after {loop.error}" if loop.error else "")
+        queue = self.scheduler.state
+        body = Health(
+            status="ok" if reason is None else "unavailable",
+            reason=reason,
             model_loaded=True,
             backend=settings.backend,
             model_version=self.model.version,
             uptime_seconds=round(time.monotonic() - self.started, 1),
+            jobs=JobLoopHealth(state=loop.state, error=loop.error),
+            queue=QueueHealth(
+                interactive_texts=queue.interactive_texts,
+                bulk_texts=queue.bulk_texts,
+                requests_in_flight=queue.requests_in_flight,
+            ),
         )
+        if reason is None:
+            return body
+        return JSONResponse(body.model_dump(), status_code=503)
 
     @read_api.get("/model-info", response_model=ModelInfo)
     def model_info(self) -> ModelInfo:

@@ -19,7 +19,8 @@ REASONS = {
     405: "method_not_allowed",
     413: "too_large",
     415: "unsupported_media_type",
-    503: "overloaded",
+    499: "client_closed_request",
+    503: "unavailable",
 }
 
 

@@ -13,13 +13,14 @@ from aiohttp import web
 
 from kafka_worker.metrics import probe_app
 from kafka_worker.worker import Worker
-from models.store import get
 from observability import configure_logging, get_metrics
 from runners.engine import load_engine
-from settings import get_settings
+from runners.model_store import get
+from settings import get_settings, use_local_models_only
 
 
 async def main() -> None:
+    use_local_models_only()
     settings = get_settings()
     configure_logging()
     log = structlog.get_logger("kafka_worker")

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from runners.engine import Prediction
+from runners.prediction import Prediction
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,35 @@ development), are validated once at start-up, and are documented in the README."
 
 from __future__ import annotations
 
+import os
+import re
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Backend = Literal["onnx-int8", "onnx-fp32", "pytorch"]
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: Any) -> Any:
+    """Seconds ('3600'), or a number and a unit ('90s', '30m', '24h', '7d'); ISO 8601 ('PT24H')
+    too, which pydantic reads itself."""
+    if isinstance(value, str) and (match := re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", value)):
+        return timedelta(seconds=float(match[1]) * _UNITS[match[2] or "s"])
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+AbsolutePath = Annotated[Path, AfterValidator(lambda path: path.expanduser().absolute())]
+
+
+def _data_home() -> Path:
+    """Where a user's application data lives (XDG), never the directory a server started in."""
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
 
 
 class Settings(BaseSettings):
@@ -41,16 +62,29 @@ class Settings(BaseSettings):
     max_queued_texts: int = Field(
         default=4096, ge=1, description="Interactive texts waiting before new ones get 503."
     )
-    jobs_db: Path = Field(
-        default=Path("kubesentiment-jobs.db"), description="SQLite file of async batch jobs."
+    jobs_db: AbsolutePath = Field(
+        default_factory=lambda: _data_home() / "kubesentiment" / "jobs.db",
+        description="SQLite file of async batch jobs.",
+    )
+    job_retention: Duration = Field(
+        default=timedelta(hours=24),
+        gt=timedelta(0),
+        description="How long finished and failed jobs (texts and results) are kept.",
+    )
+    shutdown_timeout: Duration = Field(
+        default=timedelta(seconds=20),
+        description="On SIGTERM, how long the job loop may take to finish its chunk in flight; "
+        "keep it under the pod's termination grace period.",
     )
 
     # Kafka worker
-    kafka_bootstrap_servers: str = "127.0.0.1:9092"
-    kafka_input_topic: str = "sentiment-requests"
-    kafka_output_topic: str = "sentiment-results"
-    kafka_dlq_topic: str = "sentiment-dlq"
-    kafka_group_id: str = "sentiment-worker"
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092", description="Brokers, host:port[,...]."
+    )
+    kafka_input_topic: str = Field(default="sentiment-requests", description="Texts to score.")
+    kafka_output_topic: str = Field(default="sentiment-results", description="Results.")
+    kafka_dlq_topic: str = Field(default="sentiment-dlq", description="Dead letters.")
+    kafka_group_id: str = Field(default="sentiment-worker", description="Consumer group.")
     kafka_batch_size: int = Field(default=64, ge=1, description="Messages scored per batch.")
     kafka_linger_ms: int = Field(
         default=20, ge=0, description="How long a poll waits to fill a batch."
@@ -59,6 +93,12 @@ class Settings(BaseSettings):
         default=True,
         description="Exactly-once writes per producer session; off only for brokers without "
         "InitProducerId (the Tansu used in tests and the demo).",
+    )
+    kafka_max_failed_batches: int = Field(
+        default=5,
+        ge=1,
+        description="Consecutive batches the model fails as a whole (a known-good text fails "
+        "too) before the worker stops consuming and reports not ready.",
     )
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
@@ -84,3 +124,12 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def use_local_models_only() -> None:
+    """Called once by each entry point that loads models from the store or a local folder, before
+    transformers is imported: it then never tries the Hugging Face hub, which most clusters
+    cannot reach (a lookup would only add a timeout). Library modules leave the environment
+    alone, so `python -m models import <hub id>` can still reach a hub where one is reachable."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

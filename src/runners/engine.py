@@ -8,26 +8,16 @@ so a text gets the same score whichever door it came through.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from models.store import StoredModel
+from runners.model_store import StoredModel
+from runners.prediction import Prediction
 from settings import Backend as BackendName
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-@dataclass(frozen=True)
-class Prediction:
-    label: str
-    score: float
 
 
 class Backend(Protocol):
@@ -61,7 +51,7 @@ class TorchBackend:
     def __init__(self, hf_dir: Path, threads: int) -> None:
         import torch
 
-        from models.architecture import load_classifier
+        from runners.architecture import load_classifier
 
         torch.set_num_threads(threads)
         self.torch = torch

@@ -6,7 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from kafka_worker.local_broker import TansuBroker, WorkerProcess, collect, create_topics, produce
+from devtools.local_kafka import TansuBroker, WorkerProcess, collect, create_topics, produce
 from settings import get_settings
 
 SAMPLES: list[tuple[bytes, bytes | None]] = [

@@ -14,12 +14,13 @@ itself at this size (see README, Performance).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from runners.engine import Prediction
+from runners.prediction import Prediction
 
 
 class Overloaded(Exception):
@@ -33,17 +34,32 @@ class _Request:
     future: asyncio.Future[list[Prediction]]
 
 
+@dataclass(frozen=True)
+class QueueState:
+    """What an autoscaler or an alert wants to know about the queue."""
+
+    interactive_texts: int  # waiting to board, from /predict and /predict/batch
+    bulk_texts: int  # waiting to board, from batch jobs
+    requests_in_flight: int  # submitted and not yet answered: waiting or being scored
+
+
 class BatchScheduler:
     def __init__(
         self,
         predict: Callable[[list[str]], list[Prediction]],
         max_batch_size: int,
         max_queued_texts: int,
+        observe_queue: Callable[[QueueState], None] | None = None,
+        observe_dropped: Callable[[int], None] | None = None,
     ) -> None:
         self.predict = predict
         self.max_batch_size = max_batch_size
         self.max_queued_texts = max_queued_texts
         self.queued_texts = 0  # interactive texts waiting, for admission control
+        self.queued_bulk_texts = 0
+        self.in_flight = 0
+        self.observe_queue = observe_queue
+        self.observe_dropped = observe_dropped
         self._interactive: deque[_Request] = deque()
         self._bulk: deque[_Request] = deque()
         self._wakeup = asyncio.Event()
@@ -61,11 +77,28 @@ class BatchScheduler:
         request = _Request(texts, asyncio.get_running_loop().create_future())
         if bulk:
             self._bulk.append(request)
+            self.queued_bulk_texts += len(texts)
         else:
             self._interactive.append(request)
             self.queued_texts += len(texts)
+        self.in_flight += 1
+        self._changed()
         self._wakeup.set()
-        return await request.future
+        try:
+            # Cancelling the caller (its client went away) cancels this future too: the texts
+            # are then dropped when their turn comes instead of being scored for nobody.
+            return await request.future
+        finally:
+            self.in_flight -= 1
+            self._changed()
+
+    @property
+    def state(self) -> QueueState:
+        return QueueState(self.queued_texts, self.queued_bulk_texts, self.in_flight)
+
+    def _changed(self) -> None:
+        if self.observe_queue is not None:
+            self.observe_queue(self.state)
 
     def _next_batch(self) -> list[_Request]:
         batch: list[_Request] = []
@@ -75,11 +108,24 @@ class BatchScheduler:
                 request = lane.popleft()
                 if lane is self._interactive:
                     self.queued_texts -= len(request.texts)
+                else:
+                    self.queued_bulk_texts -= len(request.texts)
                 if request.future.cancelled():  # the caller went away
+                    if self.observe_dropped is not None:
+                        self.observe_dropped(len(request.texts))
                     continue
                 batch.append(request)
                 size += len(request.texts)
+        self._changed()
         return batch
+
+    async def close(self) -> None:
+        """Stop the batching loop and the inference thread, after the batch in flight."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

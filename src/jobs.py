@@ -1,7 +1,9 @@
 """Async batch jobs, kept in SQLite so that a restart loses neither a job nor its finished work.
 
 Texts and their results live in one table; `done` counts the texts scored so far, in input
-order, so a restarted service resumes a job where it stopped instead of starting over.
+order, so a restarted service resumes a job where it stopped instead of starting over. Finished
+jobs are deleted after the retention period (`purge`), or at once on request (`delete`): user
+text is not kept longer than it is needed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from runners.engine import Prediction
+from runners.prediction import Prediction
 
 JobState = Literal["queued", "running", "completed", "failed"]
 
@@ -109,8 +111,9 @@ class JobStore:
             ).fetchall()
         return [row[0] for row in rows]
 
-    def save(self, job: Job, predictions: Sequence[Prediction]) -> Job:
-        """Store results for the texts right after the scored ones, and move `done` on."""
+    def save(self, job: Job, predictions: Sequence[Prediction]) -> Job | None:
+        """Store results for the texts right after the scored ones, and move `done` on. None when
+        the job was deleted meanwhile."""
         with self._lock, self._db:
             self._db.execute("BEGIN")
             self._db.executemany(
@@ -123,9 +126,7 @@ class JobStore:
                 "UPDATE jobs SET done = ?, status = ?, updated = ? WHERE id = ?",
                 (done, status, time.time(), job.id),
             )
-        updated = self.get(job.id)
-        assert updated is not None
-        return updated
+        return self.get(job.id)
 
     def fail(self, job: Job, error: str) -> None:
         with self._lock:
@@ -133,6 +134,28 @@ class JobStore:
                 "UPDATE jobs SET status = 'failed', error = ?, updated = ? WHERE id = ?",
                 (error, time.time(), job.id),
             )
+
+    def delete(self, job_id: str) -> bool:
+        """Remove a job, its texts and its results, whatever its state; False if unknown."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            found = self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount > 0
+            self._db.execute("DELETE FROM job_texts WHERE job_id = ?", (job_id,))
+        return found
+
+    def purge(self, finished_before: float) -> list[str]:
+        """Delete completed and failed jobs last updated before `finished_before` (epoch s)."""
+        with self._lock:
+            expired = [
+                row[0]
+                for row in self._db.execute(
+                    "SELECT id FROM jobs WHERE status IN ('completed', 'failed') AND updated < ?",
+                    (finished_before,),
+                )
+            ]
+        for job_id in expired:
+            self.delete(job_id)
+        return expired
 
     def results(self, job_id: str, offset: int, limit: int) -> list[JobResult]:
         with self._lock:

@@ -1,0 +1,120 @@
+"""The background loop that runs async batch jobs: a chunk at a time, through the bulk lane of the
+scheduler, storing results as it goes.
+
+It is supervised: an error outside one job (the database went away, a disk filled up) is logged
+and retried with backoff instead of ending the loop for good, and `state` says so, for the
+health endpoint. It stops cleanly: `stop()` lets the chunk in flight finish and be saved, so a
+job interrupted by a shutdown resumes after the restart without scoring any text twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Literal
+
+import structlog
+
+from jobs import Job, JobStore
+from runners.prediction import Prediction
+
+log = structlog.get_logger("kubesentiment.jobs")
+LoopState = Literal["starting", "running", "retrying", "stopped"]
+IDLE_POLL_S = 5.0
+PURGE_EVERY_S = 60.0
+MIN_BACKOFF_S, MAX_BACKOFF_S = 1.0, 60.0
+
+
+class JobLoop:
+    def __init__(
+        self,
+        store: JobStore,
+        score: Callable[[list[str]], Awaitable[list[Prediction]]],
+        chunk: int,
+        retention: timedelta,
+    ) -> None:
+        self.store = store
+        self.score = score
+        self.chunk = chunk
+        self.retention = retention
+        self.state: LoopState = "starting"
+        self.error: str | None = None
+        self.wakeup = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.next_purge = 0.0
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        # Keep a reference: the event loop holds tasks weakly.
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    async def run(self) -> None:
+        backoff = MIN_BACKOFF_S
+        while not self.stopping.is_set():
+            try:
+                worked = await self.step()
+                self.state, self.error, backoff = "running", None, MIN_BACKOFF_S
+            except Exception as err:
+                self.state, self.error = "retrying", f"{type(err).__name__}: {err}"
+                log.exception("job loop failed; retrying", retry_in_s=backoff)
+                await self.pause(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            if not worked:
+                await self.pause(IDLE_POLL_S, wake_on_submit=True)
+        self.state = "stopped"
+
+    async def step(self) -> bool:
+        """One unit of work: delete expired jobs when due, then score one chunk of the oldest
+        unfinished job. False when there was no job to work on."""
+        if time.monotonic() >= self.next_purge:
+            cutoff = time.time() - self.retention.total_seconds()
+            if expired := await asyncio.to_thread(self.store.purge, cutoff):
+                log.info("expired batch jobs deleted", jobs=len(expired))
+            # A short retention (tests, strict privacy settings) is honoured to the second.
+            self.next_purge = time.monotonic() + min(PURGE_EVERY_S, self.retention.total_seconds())
+        self.wakeup.clear()  # before looking, so a job submitted meanwhile wakes us
+        job = await asyncio.to_thread(self.store.next_unfinished)
+        if job is None:
+            return False
+        await self.run_chunk(job)
+        return True
+
+    async def run_chunk(self, job: Job) -> None:
+        texts = await asyncio.to_thread(self.store.pending, job, self.chunk)
+        try:
+            predictions = await self.score(texts)
+        except Exception as err:  # a job fails alone; the service and other jobs go on
+            log.exception("batch job failed", job_id=job.id)
+            await asyncio.to_thread(self.store.fail, job, f"{type(err).__name__}: {err}")
+            return
+        saved = await asyncio.to_thread(self.store.save, job, predictions)
+        if saved is None:
+            log.info("batch job deleted while running", job_id=job.id)
+        elif saved.status == "completed":
+            log.info("batch job completed", job_id=job.id, texts=saved.total)
+
+    async def pause(self, seconds: float, wake_on_submit: bool = False) -> None:
+        """Sleep, but wake at once when asked to stop (or, if asked, when a job is submitted)."""
+        events = [self.stopping, self.wakeup] if wake_on_submit else [self.stopping]
+        waiters = [asyncio.ensure_future(event.wait()) for event in events]
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+
+    async def stop(self, timeout: timedelta) -> None:
+        """Finish and save the chunk in flight, then end. A chunk still running after `timeout`
+        is abandoned; its job stays resumable and that chunk is scored again after a restart."""
+        self.stopping.set()
+        if self.task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), timeout.total_seconds())
+        except TimeoutError:
+            log.warning("job loop did not stop in time; abandoning its chunk in flight")
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
