@@ -141,9 +141,18 @@ def sources(items: list[dict[str, Any]]) -> Counter[tuple[int, int]]:
 
 
 class WorkerProcess:
-    """`python -m kafka_worker` as a child process against a TansuBroker, with its probes."""
+    """`python -m kafka_worker` (or another entry `module`) as a child process against a
+    TansuBroker, with its probes; `wait=False` returns before it is ready, for a worker that
+    is expected never to be."""
 
-    def __init__(self, broker: TansuBroker, port: int, **env_overrides: str) -> None:
+    def __init__(
+        self,
+        broker: TansuBroker,
+        port: int,
+        module: str = "kafka_worker",
+        wait: bool = True,
+        **env_overrides: str,
+    ) -> None:
         self.port = port
         self.log = Path(tempfile.gettempdir()) / f"kubesentiment-worker-{port}.log"
         env = {
@@ -156,13 +165,14 @@ class WorkerProcess:
         }
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kafka_worker"],
+                [sys.executable, "-m", module],
                 cwd=Path(__file__).resolve().parents[1],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        self.wait_until(lambda: self.probe("/readyz") == 200, "ready")
+        if wait:
+            self.wait_until(lambda: self.probe("/readyz") == 200, "ready")
 
     def probe(self, path: str) -> int:
         try:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 
 import pytest
 
+from kafka_worker.isolation import CANARY, ModelFailure, score_each, score_isolating_failures
 from kafka_worker.messages import (
+    INFERENCE_ERROR,
     Rejected,
     Source,
     TextMessage,
@@ -72,3 +75,53 @@ def test_dead_letter_keeps_the_original_payload() -> None:
     binary = json.loads(dead_letter_value(b"\xff\xfe", "not_utf8", SOURCE))
     assert base64.b64decode(binary["payload"]) == b"\xff\xfe"
     assert binary["payload_encoding"] == "base64" and binary["source"]["offset"] == 41
+
+
+def test_dead_letter_of_an_inference_error_names_the_exception() -> None:
+    letter = json.loads(
+        dead_letter_value(b"bad", INFERENCE_ERROR, SOURCE, MemoryError("out of memory"))
+    )
+    assert letter["error"] == "inference_error"
+    assert letter["exception"] == {"type": "MemoryError", "message": "out of memory"}
+    assert "exception" not in json.loads(dead_letter_value(b"{oops", "bad_json", SOURCE))
+
+
+class FakeScorer:
+    """Raises on any call whose texts include a poison text, or on every call when broken."""
+
+    def __init__(self, poison: set[str], broken: bool = False) -> None:
+        self.poison, self.broken = poison, broken
+        self.calls: list[list[str]] = []
+
+    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+        self.calls.append(list(texts))
+        if self.broken or self.poison & set(texts):
+            raise ValueError("cannot score")
+        return [Prediction("POSITIVE", len(text)) for text in texts]
+
+
+def test_bisection_isolates_each_poison_text_and_scores_the_rest() -> None:
+    texts = [f"text {i}" for i in range(64)]
+    scorer = FakeScorer({"text 5", "text 40"})
+    outcomes = score_each(scorer, texts)
+    failed = [text for text, o in zip(texts, outcomes, strict=True) if isinstance(o, Exception)]
+    assert failed == ["text 5", "text 40"]
+    assert [o.score for o in outcomes if isinstance(o, Prediction)] == [
+        len(t) for t in texts if t not in failed
+    ]
+    assert len(scorer.calls) <= 1 + 2 * 2 * 6  # the first call, then 2·log2(64) per poison text
+    healthy = FakeScorer(set())
+    score_each(healthy, texts)
+    assert healthy.calls == [texts]
+
+
+def test_a_batch_of_only_poison_is_dead_lettered_when_the_canary_passes() -> None:
+    scorer = FakeScorer({"a", "b"})
+    outcomes = score_isolating_failures(scorer, ["a", "b"])
+    assert all(isinstance(o, ValueError) for o in outcomes)
+    assert scorer.calls[-1] == [CANARY]
+
+
+def test_a_broken_model_fails_the_batch_instead_of_every_message() -> None:
+    with pytest.raises(ModelFailure, match="ValueError: cannot score"):
+        score_isolating_failures(FakeScorer(set(), broken=True), ["a", "b", "c"])

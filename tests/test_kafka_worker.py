@@ -1,5 +1,6 @@
 """The Kafka worker against a real broker (Tansu, started per test): every message ends in the
-results or the dead-letter topic, through crashes, rebalances and a broker restart."""
+results or the dead-letter topic, through crashes, rebalances, a broker restart and inference
+errors."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from devtools.local_kafka import (
@@ -25,6 +27,7 @@ from settings import get_settings
 
 TOPICS = get_settings().kafka_topics
 BROKER_PORT = 19210
+FAULTY = "tests.faulty_worker"  # the real worker with a fake engine fault: see that module
 
 
 @pytest.fixture
@@ -153,3 +156,75 @@ def test_worker_recovers_when_the_broker_comes_back(broker: TansuBroker) -> None
         assert worker.proc.poll() is None and worker.probe("/readyz") == 200
     finally:
         assert worker.stop() == 0
+
+
+def test_a_poison_message_is_dead_lettered_and_its_batch_mates_scored(broker: TansuBroker) -> None:
+    """The fault is a fake (tests/faulty_worker.py): the engine raises on any call whose texts
+    contain the marker, as a tokenizer or ONNX Runtime error on one message would."""
+    marker = "POISON-PILL"
+    messages = [
+        (f"key-{i}".encode(), json.dumps({"id": f"msg-{i}", "text": f"Film {i}: warm"}).encode())
+        for i in range(200)
+    ]
+    messages.insert(50, (b"poison-1", json.dumps({"text": f"{marker} one"}).encode()))
+    messages.insert(140, (b"poison-2", f"plain {marker} two".encode()))
+    sent = asyncio.run(produce(broker.bootstrap, TOPICS[0], messages))
+    worker = WorkerProcess(broker, 9215, module=FAULTY, FAULT_MARKER=marker)
+    try:
+        items = outputs(broker.bootstrap, set(sent), timeout=120)
+        assert worker.proc.poll() is None and worker.probe("/readyz") == 200
+        assert worker.metric("kubesentiment_worker_failed_batches_total") == 0
+    finally:
+        assert worker.stop() == 0
+    assert sources(items) == Counter(sent)  # every input exactly once, nothing lost
+    results = {i["_key"] for i in items if i["_topic"] == TOPICS[1]}
+    letters = {i["_key"]: i for i in items if i["_topic"] == TOPICS[2]}
+    assert results == {key for key, _ in messages} - {b"poison-1", b"poison-2"}
+    assert set(letters) == {b"poison-1", b"poison-2"}
+    for letter in letters.values():
+        assert letter["error"] == "inference_error"
+        assert letter["_headers"] == {"error": b"inference_error", "exception": b"RuntimeError"}
+        assert letter["exception"]["type"] == "RuntimeError"
+        assert marker in letter["exception"]["message"] and marker in letter["payload"]
+
+
+def test_a_broken_model_stops_the_worker_and_dead_letters_nothing(broker: TansuBroker) -> None:
+    """The fault is a fake (tests/faulty_worker.py): every call of the engine raises, a
+    known-good text's too. The batch must stay in the topic for a healthy worker."""
+    broken = WorkerProcess(
+        broker, 9216, module=FAULTY, FAULT_ALWAYS="true", KAFKA_MAX_FAILED_BATCHES="2"
+    )
+
+    def readiness() -> str:
+        return httpx.get(f"http://127.0.0.1:{broken.port}/readyz", timeout=2).text
+
+    try:
+        sent = send_texts(broker, 300)
+        broken.wait_until(lambda: "KAFKA_MAX_FAILED_BATCHES" in readiness(), "halted")
+        assert broken.probe("/readyz") == 503 and broken.probe("/livez") == 200
+        assert "RuntimeError" in readiness()
+        assert "KAFKA_MAX_FAILED_BATCHES" in broken.log.read_text()
+        assert broken.metric("kubesentiment_worker_failed_batches_total") == 2
+        assert broken.metric("kubesentiment_worker_produced_total") == 0
+        healthy = WorkerProcess(broker, 9217)  # same group: gets the uncommitted messages
+        try:
+            items = outputs(broker.bootstrap, set(sent), timeout=120)
+        finally:
+            assert healthy.stop() == 0
+        assert broken.proc.poll() is None  # halted, not crash-looping
+    finally:
+        assert broken.stop() == 0
+    assert sources(items) == Counter(sent)
+    assert {i["_topic"] for i in items} == {TOPICS[1]}  # all scored, none dead-lettered
+
+
+def test_an_idempotent_producer_on_a_broker_without_it_fails_fast(broker: TansuBroker) -> None:
+    """Tansu 0.6 answers InitProducerId with UnknownError: a configuration error, which no
+    retry mends, so the worker says what to change and exits."""
+    worker = WorkerProcess(broker, 9218, wait=False, KAFKA_IDEMPOTENT_PRODUCER="true")
+    try:
+        returncode = worker.proc.wait(timeout=120)
+    finally:
+        worker.stop()
+    assert returncode == 2
+    assert "KAFKA_IDEMPOTENT_PRODUCER=false" in worker.log.read_text()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
+import sys
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
@@ -12,14 +14,35 @@ import structlog
 from aiohttp import web
 
 from kafka_worker.metrics import probe_app
-from kafka_worker.worker import Worker
+from kafka_worker.worker import IdempotenceUnsupported, Worker
 from observability import configure_logging, get_metrics
 from runners.engine import load_engine
 from runners.model_store import get
-from settings import get_settings, use_local_models_only
+from settings import Settings, get_settings, use_local_models_only
+
+WORKER_SETTINGS = ("model_name", "model_tag", "backend", "inference_threads", "max_text_chars")
 
 
-async def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The worker takes no options: environment variables configure it (settings.py), and
+    --help lists the ones it reads, with their defaults, from the settings module itself."""
+    lines = [
+        f"  {name.upper():<28} {field.description or 'see README'} (default: {field.default})"
+        for name, field in Settings.model_fields.items()
+        if name in WORKER_SETTINGS or name.startswith(("kafka_", "worker_"))
+    ]
+    parser = argparse.ArgumentParser(
+        prog="python -m kafka_worker",
+        description="Score texts from a Kafka topic with the model in the BentoML store; results "
+        "and dead letters go to their own topics.",
+        epilog="environment variables:\n" + "\n".join(lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser.parse_args(argv)
+
+
+async def main() -> int:
+    """Runs until SIGTERM; the exit status is 2 for a configuration that retrying cannot fix."""
     use_local_models_only()
     settings = get_settings()
     configure_logging()
@@ -52,10 +75,15 @@ async def main() -> None:
     )
     try:
         await worker.run()
+    except IdempotenceUnsupported as err:
+        log.error(str(err))
+        return 2
     finally:
         await probes.cleanup()
         log.info("worker stopped")
+    return 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parse_args()
+    sys.exit(asyncio.run(main()))

@@ -76,8 +76,15 @@ def result_value(
     ).encode()
 
 
-def dead_letter_value(value: bytes | None, reason: str, source: Source) -> bytes:
-    """The original payload travels along: as text when it is UTF-8, else base64."""
+INFERENCE_ERROR = "inference_error"
+"""The reason of a message the engine raised on while the model itself works (isolation.py)."""
+
+
+def dead_letter_value(
+    value: bytes | None, reason: str, source: Source, error: Exception | None = None
+) -> bytes:
+    """The original payload travels along: as text when it is UTF-8, else base64. An inference
+    error adds the exception's type and message, for whoever replays the dead letters."""
     payload: str | None
     encoding = "utf-8"
     if value is None:
@@ -87,11 +94,12 @@ def dead_letter_value(value: bytes | None, reason: str, source: Source) -> bytes
             payload = value.decode("utf-8")
         except UnicodeDecodeError:
             payload, encoding = base64.b64encode(value).decode(), "base64"
-    return json.dumps(
-        {
-            "error": reason,
-            "payload": payload,
-            "payload_encoding": encoding,
-            "source": source.as_dict(),
-        }
-    ).encode()
+    letter: dict[str, Any] = {
+        "error": reason,
+        "payload": payload,
+        "payload_encoding": encoding,
+        "source": source.as_dict(),
+    }
+    if error is not None:
+        letter["exception"] = {"type": type(error).__name__, "message": str(error)}
+    return json.dumps(letter).encode()

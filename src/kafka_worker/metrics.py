@@ -33,6 +33,11 @@ class WorkerMetrics:
             "Score + produce + commit time of a batch",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
+        self.failed_batches = Counter(
+            "kubesentiment_worker_failed_batches",
+            "Batches the model failed as a whole, a known-good text too (retried, never "
+            "dead-lettered)",
+        )
         self.lag = Gauge(
             "kubesentiment_worker_lag",
             "Messages behind the high-water mark",
@@ -57,13 +62,14 @@ def probe_app(worker: Worker) -> web.Application:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def livez(_: web.Request) -> web.Response:
-        alive = time.monotonic() - worker.heartbeat < STALE_AFTER_S
+        # A halted worker idles on purpose (see /readyz): restarting it would not mend the model.
+        alive = worker.halted is not None or time.monotonic() - worker.heartbeat < STALE_AFTER_S
         return web.Response(text="ok" if alive else "stuck", status=200 if alive else 503)
 
     async def readyz(_: web.Request) -> web.Response:
-        return web.Response(
-            text="ready" if worker.ready else "not ready", status=200 if worker.ready else 503
-        )
+        if worker.ready:
+            return web.Response(text="ready")
+        return web.Response(text=worker.halted or "not ready", status=503)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

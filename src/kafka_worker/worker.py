@@ -5,6 +5,8 @@ producer where the broker supports it) before its offsets are committed, so a cr
 re-delivers, never drops.
 The loop does not poll again until the batch in flight is acknowledged: work in flight is one
 batch. A broker that goes away is waited for with backoff; the process never crash-loops.
+A text the engine raises on is dead-lettered and its batch mates are scored (isolation.py); a
+model that fails on everything makes the worker retry, then stop consuming and report not ready.
 """
 
 from __future__ import annotations
@@ -13,30 +15,31 @@ import asyncio
 import contextlib
 import ssl
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import BrokerResponseError, CommitFailedError, KafkaError
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
-from kafka_worker.messages import (
-    Rejected,
-    Source,
-    TextMessage,
-    dead_letter_value,
-    parse,
-    result_value,
-)
+from kafka_worker import messages
+from kafka_worker.isolation import ModelFailure, Scorer, score_isolating_failures
+from kafka_worker.messages import INFERENCE_ERROR, Rejected, Source, TextMessage
 from kafka_worker.metrics import WorkerMetrics
-from runners.engine import SentimentEngine
+from runners.prediction import Prediction
 from settings import Settings
 
 log = structlog.get_logger("kafka_worker")
 MAX_BACKOFF_S = 30.0
 BROKER_CHECK_S = 2.0
+
+
+class IdempotenceUnsupported(Exception):
+    """The broker refused the producer id an idempotent producer needs. Configuration, not an
+    outage: retrying cannot fix it."""
 
 
 class FinishBatchBeforeRevoke(ConsumerRebalanceListener):
@@ -54,7 +57,7 @@ class FinishBatchBeforeRevoke(ConsumerRebalanceListener):
 
 
 class Worker:
-    def __init__(self, settings: Settings, engine: SentimentEngine, model: dict[str, str]) -> None:
+    def __init__(self, settings: Settings, engine: Scorer, model: dict[str, str]) -> None:
         self.settings = settings
         self.engine = engine
         self.model = model
@@ -62,6 +65,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self.batch_lock = asyncio.Lock()
         self.ready = False
+        self.halted: str | None = None  # why the worker stopped consuming for good
         self.heartbeat = time.monotonic()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
 
@@ -86,9 +90,10 @@ class Worker:
         return options
 
     async def run(self) -> None:
-        """Consume until asked to stop; reconnect with backoff whenever Kafka goes away."""
+        """Consume until asked to stop; reconnect with backoff whenever Kafka goes away. A halted
+        worker waits for SIGTERM: a restart would only fail the same way."""
         backoff = 0.5
-        while not self.stopping.is_set():
+        while not self.stopping.is_set() and self.halted is None:
             started = time.monotonic()
             try:
                 await self.consume()
@@ -97,10 +102,15 @@ class Worker:
                 if time.monotonic() - started > 60:
                     backoff = 0.5  # it ran fine for a while: start over gently
                 log.warning("kafka unavailable, retrying", error=repr(err), backoff_s=backoff)
-                self.heartbeat = time.monotonic()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), timeout=backoff)
+                await self.pause(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
+        await self.stopping.wait()
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep, but wake up at once on SIGTERM."""
+        self.heartbeat = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
 
     async def consume(self) -> None:
         s = self.settings
@@ -123,7 +133,16 @@ class Worker:
         )
         consumer.subscribe([s.kafka_input_topic], listener=FinishBatchBeforeRevoke(self.batch_lock))
         try:
-            await producer.start()
+            try:
+                await producer.start()
+            except BrokerResponseError as err:
+                # start() fails on connection errors (KafkaConnectionError, retried by run()) or,
+                # with idempotence on, on the broker's answer to InitProducerId.
+                raise IdempotenceUnsupported(
+                    f"the broker refused a producer id (InitProducerId: {err!r}): it does not "
+                    "support idempotent producers; set KAFKA_IDEMPOTENT_PRODUCER=false for such "
+                    "brokers (e.g. Tansu)"
+                ) from err
             await consumer.start()
             self.ready = True
             log.info("consuming", topic=s.kafka_input_topic, group=s.kafka_group_id)
@@ -134,8 +153,8 @@ class Worker:
                     timeout_ms=max(s.kafka_linger_ms, 1), max_records=s.kafka_batch_size
                 )
                 if batches:
-                    async with self.batch_lock:
-                        await self.process(consumer, producer, batches)
+                    if not await self.process_with_retries(consumer, producer, batches):
+                        break  # leave the group: its other members get these partitions
                     self.ready, checked = True, time.monotonic()
                 elif time.monotonic() - checked > BROKER_CHECK_S:
                     # The client retries a lost broker by itself; readiness tells the world.
@@ -149,6 +168,42 @@ class Worker:
             with contextlib.suppress(Exception):
                 await producer.stop()
 
+    async def process_with_retries(
+        self,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        batches: dict[TopicPartition, list[ConsumerRecord]],
+    ) -> bool:
+        """Process a batch; while the model fails as a whole, retry it with backoff, nothing
+        committed. False when the worker stops instead: SIGTERM, or KAFKA_MAX_FAILED_BATCHES
+        failures in a row (uncommitted, the batch goes to whoever gets its partitions)."""
+        failures, backoff = 0, 1.0
+        while True:
+            try:
+                async with self.batch_lock:
+                    await self.process(consumer, producer, batches)
+                return True
+            except ModelFailure as err:
+                failures += 1
+                self.metrics.failed_batches.inc()
+                if failures >= self.settings.kafka_max_failed_batches:
+                    self.halted = (
+                        f"stopped consuming: the model failed {failures} batches in a row "
+                        f"(KAFKA_MAX_FAILED_BATCHES); {err}"
+                    )
+                    log.error("the model is broken", reason=self.halted)
+                    return False
+                log.warning(
+                    "the model failed a whole batch; retrying it",
+                    error=str(err),
+                    failures=failures,
+                    backoff_s=backoff,
+                )
+            await self.pause(backoff)
+            if self.stopping.is_set():
+                return False
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+
     async def process(
         self,
         consumer: AIOKafkaConsumer,
@@ -161,32 +216,35 @@ class Worker:
         bad: list[tuple[ConsumerRecord, Source, Rejected]] = []
         for record in records:
             source = Source(record.topic, record.partition, record.offset)
-            parsed = parse(record.value, source, self.settings.max_text_chars)
+            parsed = messages.parse(record.value, source, self.settings.max_text_chars)
             if isinstance(parsed, TextMessage):
                 good.append((record, source, parsed))
             else:
                 bad.append((record, source, parsed))
-        predictions = []
+        outcomes: Sequence[Prediction | Exception] = []
         if good:
-            predictions = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.engine.predict, [m.text for _, _, m in good]
+            outcomes = await asyncio.get_running_loop().run_in_executor(
+                self.executor, score_isolating_failures, self.engine, [m.text for _, _, m in good]
             )
 
-        s = self.settings
         acks = []
-        for (record, source, message), prediction in zip(good, predictions, strict=True):
-            value = result_value(message, prediction, self.model, source)
-            acks.append(await producer.send(s.kafka_output_topic, value, key=record.key))
-        for record, source, rejected in bad:
-            value = dead_letter_value(record.value, rejected.reason, source)
-            acks.append(
-                await producer.send(
-                    s.kafka_dlq_topic,
-                    value,
-                    key=record.key,
-                    headers=[("error", rejected.reason.encode())],
+        dead_letters = [rejected.reason for _, _, rejected in bad]
+        for (record, source, message), outcome in zip(good, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                log.warning(
+                    "the engine failed on a message", source=source.as_dict(), error=repr(outcome)
                 )
-            )
+                acks.append(
+                    await self.dead_letter(producer, record, source, INFERENCE_ERROR, outcome)
+                )
+                dead_letters.append(INFERENCE_ERROR)
+            else:
+                value = messages.result_value(message, outcome, self.model, source)
+                acks.append(
+                    await producer.send(self.settings.kafka_output_topic, value, key=record.key)
+                )
+        for record, source, rejected in bad:
+            acks.append(await self.dead_letter(producer, record, source, rejected.reason))
         await asyncio.gather(*acks)  # stored on the brokers: only now may offsets move on
 
         offsets = {tp: OffsetAndMetadata(part[-1].offset + 1, "") for tp, part in batches.items()}
@@ -198,9 +256,28 @@ class Worker:
             )
         self.metrics.observe_batch(
             consumed=len(records),
-            produced=len(good),
-            dead_letters=[r.reason for _, _, r in bad],
+            produced=len(records) - len(dead_letters),
+            dead_letters=dead_letters,
             seconds=time.perf_counter() - started,
+        )
+
+    async def dead_letter(
+        self,
+        producer: AIOKafkaProducer,
+        record: ConsumerRecord,
+        source: Source,
+        reason: str,
+        error: Exception | None = None,
+    ) -> asyncio.Future[Any]:
+        """Send one dead letter; the future resolves when the brokers have stored it."""
+        headers = [("error", reason.encode())]
+        if error is not None:
+            headers.append(("exception", type(error).__name__.encode()))
+        return await producer.send(
+            self.settings.kafka_dlq_topic,
+            messages.dead_letter_value(record.value, reason, source, error),
+            key=record.key,
+            headers=headers,
         )
 
     async def broker_reachable(self, producer: AIOKafkaProducer) -> bool:
