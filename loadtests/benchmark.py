@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from tqdm import tqdm
 
 from runners.engine import load_engine
@@ -108,14 +110,17 @@ def run_wrk(url: str, bodies: list[str], connections: int, seconds: int) -> dict
 
 
 @contextmanager
-def served(port: int) -> Iterator[str]:
+def served(port: int, **env: str) -> Iterator[str]:
+    """`bentoml serve` of the service with these settings (environment variables) on top."""
     url = f"http://127.0.0.1:{port}"
     bentoml = Path(sys.executable).parent / "bentoml"
     proc = subprocess.Popen(
         [str(bentoml), "serve", "service:Sentiment", "--host", "127.0.0.1", "--port", str(port)],
         cwd=HERE.parent,
+        env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -130,8 +135,17 @@ def served(port: int) -> Iterator[str]:
             raise RuntimeError("the service did not become healthy within 120 s")
         yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_tree(proc)
+
+
+def stop_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server and its workers (BentoML puts each worker in a session of its own)."""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    for process in (proc, *children):
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            process.terminate()
+    proc.wait(timeout=30)
+    psutil.wait_procs(children, timeout=30)
 
 
 def plot(rows: list[dict[str, Any]], raw: float) -> str:

@@ -44,7 +44,9 @@ PRODUCED = "kubesentiment_worker_produced_total"
 def raw_runner_throughput(texts: list[str]) -> float:
     """Texts/s of the worker's own engine, in process, at the worker's batch size."""
     s = get_settings()
-    engine = load_engine(get(s.model_store_tag), s.backend, s.inference_threads, s.kafka_batch_size)
+    engine = load_engine(
+        get(s.model_store_tag), s.backend, s.worker_inference_threads, s.kafka_batch_size
+    )
     batch = texts[: s.kafka_batch_size]
     return best_rate(lambda: len(engine.predict(batch)))
 

@@ -1,5 +1,6 @@
-"""The background loop that runs async batch jobs: a chunk at a time, through the bulk lane of the
-scheduler, storing results as it goes.
+"""The background loop that runs async batch jobs: it claims a chunk of texts (jobs.py leases
+it), scores it through the bulk lane of the scheduler and stores the results. Every worker
+process of every replica runs one; they share the work through the store.
 
 It is supervised: an error outside one job (the database went away, a disk filled up) is logged
 and retried with backoff instead of ending the loop for good, and `state` says so, for the
@@ -11,14 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Literal
 
 import structlog
 
-from jobs import Job, JobStore
+from jobs import Chunk, JobStore
 from runners.prediction import Prediction
 
 log = structlog.get_logger("kubesentiment.jobs")
@@ -46,6 +50,8 @@ class JobLoop:
         self.stopping = asyncio.Event()
         self.next_purge = 0.0
         self.task: asyncio.Task[None] | None = None
+        # Who holds a lease, for the logs of whoever finds it expired.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
     def start(self) -> None:
         # Keep a reference: the event loop holds tasks weakly.
@@ -68,8 +74,8 @@ class JobLoop:
         self.state = "stopped"
 
     async def step(self) -> bool:
-        """One unit of work: delete expired jobs when due, then score one chunk of the oldest
-        unfinished job. False when there was no job to work on."""
+        """One unit of work: delete expired jobs when due, then claim and score one chunk of the
+        oldest unfinished job. False when there was nothing to claim."""
         if time.monotonic() >= self.next_purge:
             cutoff = time.time() - self.retention.total_seconds()
             if expired := await asyncio.to_thread(self.store.purge, cutoff):
@@ -77,25 +83,32 @@ class JobLoop:
             # A short retention (tests, strict privacy settings) is honoured to the second.
             self.next_purge = time.monotonic() + min(PURGE_EVERY_S, self.retention.total_seconds())
         self.wakeup.clear()  # before looking, so a job submitted meanwhile wakes us
-        job = await asyncio.to_thread(self.store.next_unfinished)
-        if job is None:
+        chunk = await asyncio.to_thread(self.store.claim, self.owner, self.chunk)
+        if chunk is None:
             return False
-        await self.run_chunk(job)
+        await self.run_chunk(chunk)
         return True
 
-    async def run_chunk(self, job: Job) -> None:
-        texts = await asyncio.to_thread(self.store.pending, job, self.chunk)
+    async def run_chunk(self, chunk: Chunk) -> None:
+        renewing = asyncio.ensure_future(self.keep_leased(chunk))
         try:
-            predictions = await self.score(texts)
+            predictions = await self.score(chunk.texts)
         except Exception as err:  # a job fails alone; the service and other jobs go on
-            log.exception("batch job failed", job_id=job.id)
-            await asyncio.to_thread(self.store.fail, job, f"{type(err).__name__}: {err}")
+            log.exception("batch job failed", job_id=chunk.job_id)
+            await asyncio.to_thread(self.store.fail, chunk.job_id, f"{type(err).__name__}: {err}")
             return
-        saved = await asyncio.to_thread(self.store.save, job, predictions)
+        finally:
+            renewing.cancel()
+        saved = await asyncio.to_thread(self.store.save, chunk, predictions)
         if saved is None:
-            log.info("batch job deleted while running", job_id=job.id)
+            log.info("batch job deleted while running", job_id=chunk.job_id)
         elif saved.status == "completed":
-            log.info("batch job completed", job_id=job.id, texts=saved.total)
+            log.info("batch job completed", job_id=chunk.job_id, texts=saved.total)
+
+    async def keep_leased(self, chunk: Chunk) -> None:
+        while True:
+            await asyncio.sleep(self.store.lease_seconds / 3)
+            await asyncio.to_thread(self.store.renew, chunk, self.owner)
 
     async def pause(self, seconds: float, wake_on_submit: bool = False) -> None:
         """Sleep, but wake at once when asked to stop (or, if asked, when a job is submitted)."""

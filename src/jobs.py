@@ -1,45 +1,59 @@
-"""Async batch jobs, kept in SQLite so that a restart loses neither a job nor its finished work.
+"""Async batch jobs in a SQL database, so that a restart loses neither a job nor its finished work:
+SQLite by default (one pod, nothing to install) or PostgreSQL (shared by every replica and
+worker), through one SQLAlchemy Core code path. The schema is versioned (job_migrations/).
 
-Texts and their results live in one table; `done` counts the texts scored so far, in input
-order, so a restarted service resumes a job where it stopped instead of starting over. Finished
-jobs are deleted after the retention period (`purge`), or at once on request (`delete`): user
-text is not kept longer than it is needed.
+Any number of job loops, in any number of processes and pods, share the work: each claims a
+chunk of unscored texts under a lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL; SQLite serialises
+writers), renews it while scoring, and a chunk whose lease ran out because its worker died is
+claimed again by another. A result is written only where none is stored yet, so every text of a
+job ends with exactly one result whatever crashes. Finished jobs are deleted after the retention
+period (`purge`), or at once on request (`delete`): user text is not kept longer than needed.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
 
 from runners.prediction import Prediction
 
 JobState = Literal["queued", "running", "completed", "failed"]
+UNFINISHED = ("queued", "running")
+MIGRATIONS = Path(__file__).with_name("job_migrations")
+MIGRATION_LOCK = 7_305_613  # any constant: PostgreSQL's advisory lock id for schema upgrades
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    total INTEGER NOT NULL,
-    done INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    error TEXT
-);
-CREATE TABLE IF NOT EXISTS job_texts (
-    job_id TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    label TEXT,
-    score REAL,
-    PRIMARY KEY (job_id, idx)
-) WITHOUT ROWID;
-"""
+# The tables as the queries see them; job_migrations/ creates and upgrades them.
+schema = sa.MetaData()
+jobs = sa.Table(
+    "jobs",
+    schema,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("status", sa.String(16)),
+    sa.Column("total", sa.Integer),
+    sa.Column("done", sa.Integer),
+    sa.Column("created", sa.Float),
+    sa.Column("updated", sa.Float),
+    sa.Column("error", sa.Text),
+)
+texts = sa.Table(
+    "job_texts",
+    schema,
+    sa.Column("job_id", sa.String(32), primary_key=True),
+    sa.Column("idx", sa.Integer, primary_key=True),
+    sa.Column("text", sa.Text),
+    sa.Column("label", sa.String(16)),
+    sa.Column("score", sa.Float),
+    sa.Column("lease_owner", sa.String(64)),
+    sa.Column("lease_until", sa.Float),
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,15 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """Texts of one job that one worker has claimed, by index, in input order."""
+
+    job_id: str
+    indices: list[int]
+    texts: list[str]
+
+
+@dataclass(frozen=True)
 class JobResult:
     index: int
     text: str
@@ -61,111 +84,193 @@ class JobResult:
     score: float
 
 
-class JobStore:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-        self._lock = threading.Lock()
+def database_url(url: str | None, sqlite_file: Path) -> str:
+    """JOBS_DATABASE_URL when set (postgresql://... goes through psycopg 3), else SQLite."""
+    if url is None:
+        return f"sqlite:///{sqlite_file}"
+    return url.replace("postgresql://", "postgresql+psycopg://", 1)
 
-    def create(self, texts: Sequence[str]) -> Job:
+
+def create_engine(url: str) -> sa.Engine:
+    if not url.startswith("sqlite"):
+        return sa.create_engine(url, pool_pre_ping=True)
+    Path(sa.make_url(url).database or "").parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @sa.event.listens_for(engine, "connect")
+    def configure(connection: Any, _: Any) -> None:
+        connection.isolation_level = None  # SQLAlchemy says when transactions begin, below
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+
+    @sa.event.listens_for(engine, "begin")
+    def begin_immediate(connection: sa.Connection) -> None:
+        # Take the write lock up front: two processes that both read, then both write, would
+        # otherwise deadlock into "database is locked" instead of waiting their turn.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def migrate(engine: sa.Engine) -> None:
+    """Bring the schema to the newest revision; replicas that start together take turns."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK)))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+class JobStore:
+    def __init__(self, url: str, lease_seconds: float = 30.0) -> None:
+        self.engine = create_engine(url)
+        self.lease_seconds = lease_seconds
+        migrate(self.engine)
+
+    def create(self, job_texts: Sequence[str]) -> Job:
         job_id, now = uuid.uuid4().hex, time.time()
-        with self._lock, self._db:
-            self._db.execute("BEGIN")
-            self._db.execute(
-                "INSERT INTO jobs (id, status, total, created, updated) VALUES (?, ?, ?, ?, ?)",
-                (job_id, "queued", len(texts), now, now),
+        with self.engine.begin() as db:
+            db.execute(
+                jobs.insert().values(
+                    id=job_id,
+                    status="queued",
+                    total=len(job_texts),
+                    done=0,
+                    created=now,
+                    updated=now,
+                )
             )
-            self._db.executemany(
-                "INSERT INTO job_texts (job_id, idx, text) VALUES (?, ?, ?)",
-                ((job_id, i, text) for i, text in enumerate(texts)),
+            db.execute(
+                texts.insert(),
+                [{"job_id": job_id, "idx": i, "text": text} for i, text in enumerate(job_texts)],
             )
         job = self.get(job_id)
         assert job is not None
         return job
 
     def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT id, status, total, done, created, updated, error FROM jobs WHERE id = ?",
-                (job_id,),
-            ).fetchone()
+        with self.engine.connect() as db:
+            row = db.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
         return Job(*row) if row else None
 
-    def next_unfinished(self) -> Job | None:
-        """The oldest job still to do, including one a restart interrupted."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT id FROM jobs WHERE status IN ('queued', 'running') ORDER BY created LIMIT 1"
-            ).fetchone()
-        return self.get(row[0]) if row else None
-
-    def pending(self, job: Job, limit: int) -> list[str]:
-        """The next texts to score, in input order, starting after the scored ones."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT text FROM job_texts WHERE job_id = ? AND idx >= ? ORDER BY idx LIMIT ?",
-                (job.id, job.done, limit),
-            ).fetchall()
-        return [row[0] for row in rows]
-
-    def save(self, job: Job, predictions: Sequence[Prediction]) -> Job | None:
-        """Store results for the texts right after the scored ones, and move `done` on. None when
-        the job was deleted meanwhile."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "UPDATE job_texts SET label = ?, score = ? WHERE job_id = ? AND idx = ?",
-                ((p.label, p.score, job.id, job.done + i) for i, p in enumerate(predictions)),
+    def claim(self, owner: str, limit: int) -> Chunk | None:
+        """Up to `limit` unscored, unleased texts of the oldest unfinished job, now leased to
+        `owner`; None when there is nothing to claim."""
+        now = time.time()
+        claimable = sa.and_(
+            texts.c.label.is_(None),
+            sa.or_(texts.c.lease_until.is_(None), texts.c.lease_until < now),
+        )
+        oldest = (
+            sa.select(jobs.c.id)
+            .where(
+                jobs.c.status.in_(UNFINISHED),
+                sa.exists().where(texts.c.job_id == jobs.c.id, claimable),
             )
-            done = job.done + len(predictions)
-            status = "completed" if done >= job.total else "running"
-            self._db.execute(
-                "UPDATE jobs SET done = ?, status = ?, updated = ? WHERE id = ?",
-                (done, status, time.time(), job.id),
+            .order_by(jobs.c.created)
+            .limit(1)
+            .scalar_subquery()
+        )
+        with self.engine.begin() as db:
+            rows = db.execute(
+                sa.select(texts.c.job_id, texts.c.idx, texts.c.text)
+                .where(texts.c.job_id == oldest, claimable)
+                .order_by(texts.c.idx)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not rows:
+                return None
+            chunk = Chunk(rows[0].job_id, [r.idx for r in rows], [r.text for r in rows])
+            self._lease(db, chunk, owner, now)
+            db.execute(
+                jobs.update()
+                .where(jobs.c.id == chunk.job_id, jobs.c.status == "queued")
+                .values(status="running", updated=now)
             )
-        return self.get(job.id)
+        return chunk
 
-    def fail(self, job: Job, error: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "UPDATE jobs SET status = 'failed', error = ?, updated = ? WHERE id = ?",
-                (error, time.time(), job.id),
+    def renew(self, chunk: Chunk, owner: str) -> None:
+        """Keep a chunk that is still being scored (long texts, a slow node) from being taken."""
+        with self.engine.begin() as db:
+            self._lease(db, chunk, owner, time.time())
+
+    def _lease(self, db: sa.Connection, chunk: Chunk, owner: str, now: float) -> None:
+        db.execute(
+            texts.update()
+            .where(texts.c.job_id == chunk.job_id, texts.c.idx.in_(chunk.indices))
+            .values(lease_owner=owner, lease_until=now + self.lease_seconds)
+        )
+
+    def save(self, chunk: Chunk, predictions: Sequence[Prediction]) -> Job | None:
+        """Store the results of a chunk where none is stored yet (another worker may have
+        finished the chunk after our lease ran out), and count them. None when the job was
+        deleted meanwhile."""
+        stored = 0
+        with self.engine.begin() as db:
+            for idx, prediction in zip(chunk.indices, predictions, strict=True):
+                stored += db.execute(
+                    texts.update()
+                    .where(
+                        texts.c.job_id == chunk.job_id, texts.c.idx == idx, texts.c.label.is_(None)
+                    )
+                    .values(
+                        label=prediction.label,
+                        score=prediction.score,
+                        lease_owner=None,
+                        lease_until=None,
+                    )
+                ).rowcount
+            done = jobs.c.done + stored
+            db.execute(
+                jobs.update()
+                .where(jobs.c.id == chunk.job_id, jobs.c.status.in_(UNFINISHED))
+                .values(
+                    done=done,
+                    status=sa.case((done >= jobs.c.total, "completed"), else_="running"),
+                    updated=time.time(),
+                )
+            )
+        return self.get(chunk.job_id)
+
+    def fail(self, job_id: str, error: str) -> None:
+        with self.engine.begin() as db:
+            db.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id)
+                .values(status="failed", error=error, updated=time.time())
             )
 
     def delete(self, job_id: str) -> bool:
         """Remove a job, its texts and its results, whatever its state; False if unknown."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN")
-            found = self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount > 0
-            self._db.execute("DELETE FROM job_texts WHERE job_id = ?", (job_id,))
+        with self.engine.begin() as db:
+            found = db.execute(jobs.delete().where(jobs.c.id == job_id)).rowcount > 0
+            db.execute(texts.delete().where(texts.c.job_id == job_id))
         return found
 
     def purge(self, finished_before: float) -> list[str]:
         """Delete completed and failed jobs last updated before `finished_before` (epoch s)."""
-        with self._lock:
-            expired = [
-                row[0]
-                for row in self._db.execute(
-                    "SELECT id FROM jobs WHERE status IN ('completed', 'failed') AND updated < ?",
-                    (finished_before,),
+        with self.engine.connect() as db:
+            expired = db.scalars(
+                sa.select(jobs.c.id).where(
+                    jobs.c.status.in_(("completed", "failed")), jobs.c.updated < finished_before
                 )
-            ]
+            ).all()
         for job_id in expired:
             self.delete(job_id)
-        return expired
+        return list(expired)
 
     def results(self, job_id: str, offset: int, limit: int) -> list[JobResult]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT idx, text, label, score FROM job_texts "
-                "WHERE job_id = ? AND label IS NOT NULL AND idx >= ? ORDER BY idx LIMIT ?",
-                (job_id, offset, limit),
-            ).fetchall()
+        with self.engine.connect() as db:
+            rows = db.execute(
+                sa.select(texts.c.idx, texts.c.text, texts.c.label, texts.c.score)
+                .where(texts.c.job_id == job_id, texts.c.label.is_not(None), texts.c.idx >= offset)
+                .order_by(texts.c.idx)
+                .limit(limit)
+            ).all()
         return [JobResult(*row) for row in rows]
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.engine.dispose()

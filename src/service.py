@@ -18,7 +18,9 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import bentoml
+import httpx
 import structlog
+from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -26,12 +28,13 @@ from starlette.responses import JSONResponse
 
 from api_errors import ApiErrors, readable
 from job_loop import JobLoop
-from jobs import Job, JobStore
+from jobs import Job, JobStore, database_url
 from observability import configure_logging, get_metrics, render_metrics
 from runners.engine import load_engine
 from runners.model_store import StoredModel
 from runners.prediction import Prediction
-from runners.scheduler import BatchScheduler, Overloaded
+from runners.scheduler import BatchScheduler, Overloaded, Predict
+from runners.services import runner_service
 from schemas import (
     BatchPredictResponse,
     BatchTexts,
@@ -123,34 +126,37 @@ def job_status(job: Job) -> JobStatus:
     )
 
 
-@bentoml.service(name="kubesentiment", workers=1, traffic={"timeout": 60})
+@bentoml.service(name="kubesentiment", workers=settings.service_workers, traffic={"timeout": 60})
 @bentoml.asgi_app(read_api, path="/api/v1")
 class Sentiment:
     """Sentiment analysis of English text: POSITIVE or NEGATIVE with a probability."""
 
     model_ref = bentoml.models.BentoModel(settings.model_store_tag)
+    # RUNNER_LAYOUT=split: the model runs in a runner service of its own, which BentoML starts
+    # beside this one (and Kubernetes can scale apart from it); None: in this process.
+    runner = (
+        bentoml.depends(runner_service(settings.backend))
+        if settings.runner_layout == "split"
+        else None
+    )
 
     def __init__(self) -> None:
         use_local_models_only()
         configure_logging()
         self.metrics = get_metrics()
         self.model = StoredModel.from_bentoml(self.model_ref)
-        self.engine = load_engine(
-            self.model,
-            settings.backend,
-            settings.inference_threads,
-            settings.max_batch_size,
-            observe_batch=self.metrics.observe_batch,
-        )
-        self.engine.predict(["warm-up"])  # first call allocates; don't bill it to a user
         self.scheduler = BatchScheduler(
-            self.engine.predict,
+            self.load_predict(),
             settings.max_batch_size,
             settings.max_queued_texts,
             observe_queue=self.metrics.observe_queue,
             observe_dropped=self.metrics.dropped_texts.inc,
         )
-        self.jobs = JobStore(settings.jobs_db)
+        url = settings.jobs_database_url
+        self.jobs = JobStore(
+            database_url(url.get_secret_value() if url else None, settings.jobs_db),
+            lease_seconds=settings.job_lease.total_seconds(),
+        )
         self.job_loop = JobLoop(
             self.jobs,
             lambda texts: self.score(texts, bulk=True),
@@ -168,8 +174,35 @@ class Sentiment:
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         log.info(
-            "model loaded", tag=self.model.tag, backend=settings.backend, jobs_db=settings.jobs_db
+            "model loaded",
+            tag=self.model.tag,
+            backend=settings.backend,
+            jobs=self.jobs.engine.url.render_as_string(hide_password=True),
         )
+
+    def load_predict(self) -> Predict:
+        """What the scheduler calls with each batch: the engine, or one HTTP call per batch to the
+        runner service (whose own batching then merges the batches of several entry pods)."""
+        if self.runner is not None:
+            runner = self.runner
+
+            async def remote(texts: list[str]) -> list[Prediction]:
+                try:
+                    predictions: list[Prediction] = await runner.to_async.predict(texts=texts)
+                except (BentoMLException, httpx.HTTPError) as err:  # busy, down, restarting
+                    raise Overloaded(f"the runner service did not score the batch: {err}") from err
+                return predictions
+
+            return remote
+        engine = load_engine(
+            self.model,
+            settings.backend,
+            settings.inference_threads,
+            settings.max_batch_size,
+            observe_batch=self.metrics.observe_batch,
+        )
+        engine.predict(["warm-up"])  # first call allocates; don't bill it to a user
+        return engine.predict
 
     def __is_ready__(self) -> bool:
         """BentoML's /readyz: not ready once shutdown began, so no new work is routed here."""

@@ -49,7 +49,22 @@ class Settings(BaseSettings):
 
     # Inference
     backend: Backend = Field(default="onnx-int8", description="Back end that scores texts.")
-    inference_threads: int = Field(default=2, ge=1, description="Threads for torch / ONNX Runtime.")
+    runner_layout: Literal["in-process", "split"] = Field(
+        default="in-process",
+        description="Where the model runs: in each worker of the HTTP service, or in a runner "
+        "service of its own that the HTTP service calls once per batch (scaled apart).",
+    )
+    # Two workers of one thread served 16-53% more than one of two threads at 8-64 clients on
+    # the 2-core build machine, and answered a lone client 2 ms later (README, Scaling).
+    service_workers: int = Field(
+        default=2, ge=1, description="Worker processes of the HTTP service, each with the model."
+    )
+    inference_threads: int = Field(
+        default=1,
+        ge=1,
+        description="Threads for torch / ONNX Runtime per worker process of the HTTP service "
+        "(or of a runner service): workers x threads = the pod's cores.",
+    )
     max_batch_size: int = Field(default=64, ge=1, description="Largest inference batch.")
     max_latency_ms: int = Field(
         default=2000, ge=1, description="Batching deadline of the runner services."
@@ -65,6 +80,17 @@ class Settings(BaseSettings):
     jobs_db: AbsolutePath = Field(
         default_factory=lambda: _data_home() / "kubesentiment" / "jobs.db",
         description="SQLite file of async batch jobs.",
+    )
+    jobs_database_url: SecretStr | None = Field(
+        default=None,
+        description="postgresql://user:password@host:5432/db: jobs shared by every replica and "
+        "worker (a secret: it holds the password). Unset: the SQLite file JOBS_DB.",
+    )
+    job_lease: Duration = Field(
+        default=timedelta(seconds=30),
+        gt=timedelta(0),
+        description="How long a worker keeps a claimed chunk of job texts without renewing it; "
+        "after that (its worker died) another worker takes the chunk over.",
     )
     job_retention: Duration = Field(
         default=timedelta(hours=24),
@@ -106,6 +132,9 @@ class Settings(BaseSettings):
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: Path | None = Field(
         default=None, description="CA bundle for TLS; the system's when unset."
+    )
+    worker_inference_threads: int = Field(
+        default=2, ge=1, description="Threads of the Kafka worker's model (one process: all cores)."
     )
     worker_host: str = Field(default="0.0.0.0", description="Where the worker's probes listen.")
     worker_port: int = Field(default=9102, description="/metrics, /livez, /readyz of the worker")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import httpx
 import psutil
+import psycopg
 import pytest
 
 from models.pipeline import build
@@ -65,7 +68,9 @@ class Server:
             store = Path(os.environ["BENTOML_HOME"]) / shared
             store.mkdir(exist_ok=True)
             (self.home / shared).symlink_to(store)
-        self.env = {**os.environ, "BENTOML_HOME": str(self.home), **env}
+        # One worker process unless a test asks for more: several tests read one scheduler's
+        # queue or count one warm-up text per server (test_scale_out runs two workers).
+        self.env = {**os.environ, "BENTOML_HOME": str(self.home), "SERVICE_WORKERS": "1", **env}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, ready_path: str = "/readyz") -> Server:
@@ -138,3 +143,39 @@ def service(small_model: StoredModel, jobs_db: Path) -> Iterator[Server]:
     server = Server("service:Sentiment", 3210, JOBS_DB=str(jobs_db), MAX_QUEUED_TEXTS="300")
     yield server.start()
     server.stop()
+
+
+POSTGRES_PORT = 15433
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster from Debian's `postgresql` package on a loopback port, for
+    the whole run; yields an admin URL. initdb refuses root, so as root it runs as `postgres`."""
+    bindir = max(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
+    data = Path(tempfile.mkdtemp(prefix="kubesentiment-pg-"))
+    as_owner: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(data, "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+
+    def run(*command: str) -> None:
+        subprocess.run([*as_owner, *command], check=True, stdout=subprocess.DEVNULL)
+
+    run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "app")
+    options = f"-p {POSTGRES_PORT} -k {data} -c listen_addresses=127.0.0.1"
+    pg_ctl = (str(bindir / "pg_ctl"), "-D", str(data))
+    run(*pg_ctl, "-o", options, "-l", str(data / "log"), "-w", "start")
+    try:
+        yield f"postgresql://app@127.0.0.1:{POSTGRES_PORT}/postgres"
+    finally:
+        run(*pg_ctl, "-m", "fast", "-w", "stop")
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def fresh_database(admin_url: str) -> str:
+    """A new, empty database on the test cluster; its URL."""
+    name = f"jobs_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"

@@ -1,76 +1,162 @@
-"""The SQLite job store: a job, its progress and its results survive reopening the file; a
-deleted or expired job leaves nothing behind."""
+"""The job store, one suite for both databases (SQLite, and a real PostgreSQL): jobs and results
+survive reopening, workers claim disjoint chunks under leases and take over expired ones, a
+result is stored once whatever the workers do, and deleted or expired jobs leave nothing."""
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from jobs import JobStore
+import pytest
+import sqlalchemy as sa
+
+from jobs import Chunk, JobStore, database_url, texts
 from runners.prediction import Prediction
+from tests.conftest import fresh_database
+
+POSITIVE = Prediction("POSITIVE", 0.9)
 
 
-def test_job_progress_and_results_survive_a_reopen(tmp_path: Path) -> None:
-    db = tmp_path / "jobs.db"
-    store = JobStore(db)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return database_url(None, tmp_path / "jobs.db")
+    return database_url(fresh_database(request.getfixturevalue("postgres")), Path())
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[JobStore]:
+    opened = JobStore(url, lease_seconds=30)
+    yield opened
+    opened.close()
+
+
+def scored(store: JobStore, chunk: Chunk) -> Prediction | None:
+    job = store.save(chunk, [POSITIVE] * len(chunk.texts))
+    return None if job is None else POSITIVE
+
+
+def rows(store: JobStore, job_id: str) -> int:
+    with store.engine.connect() as db:
+        return int(db.scalar(sa.select(sa.func.count()).where(texts.c.job_id == job_id)) or 0)
+
+
+def test_progress_and_results_survive_a_reopen(url: str) -> None:
+    store = JobStore(url)
     job = store.create([f"text {i}" for i in range(10)])
     assert (job.status, job.total, job.done) == ("queued", 10, 0)
-    assert store.pending(job, 4) == ["text 0", "text 1", "text 2", "text 3"]
-    saved = store.save(job, [Prediction("POSITIVE", 0.9)] * 4)
+    chunk = store.claim("worker-a", 4)
+    assert chunk is not None and chunk.texts == [f"text {i}" for i in range(4)]
+    saved = store.save(chunk, [POSITIVE] * 4)
     assert saved is not None and (saved.status, saved.done) == ("running", 4)
     store.close()
 
-    reopened = JobStore(db)
-    resumed = reopened.next_unfinished()
-    assert resumed is not None and resumed.id == job.id and resumed.done == 4
-    assert reopened.pending(resumed, 100) == [f"text {i}" for i in range(4, 10)]
-    finished = reopened.save(resumed, [Prediction("NEGATIVE", 0.8)] * 6)
-    assert finished is not None and finished.status == "completed"
-    assert reopened.next_unfinished() is None
+    reopened = JobStore(url)
+    rest = reopened.claim("worker-b", 100)
+    assert rest is not None and rest.indices == list(range(4, 10))
+    finished = reopened.save(rest, [Prediction("NEGATIVE", 0.8)] * 6)
+    assert finished is not None and finished.status == "completed" and finished.done == 10
+    assert reopened.claim("worker-b", 100) is None
     page = reopened.results(job.id, offset=3, limit=2)
     assert [(r.index, r.label) for r in page] == [(3, "POSITIVE"), (4, "NEGATIVE")]
     assert reopened.get("unknown") is None
+    reopened.close()
 
 
-def test_a_failed_job_keeps_its_reason(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.db")
+def test_workers_claim_disjoint_chunks_oldest_job_first(store: JobStore) -> None:
+    first = store.create(["a", "b", "c"])
+    second = store.create(["d"])
+    one, two, three = (store.claim(worker, 2) for worker in ("w1", "w2", "w3"))
+    assert one is not None and (one.job_id, one.texts) == (first.id, ["a", "b"])
+    assert two is not None and (two.job_id, two.texts) == (first.id, ["c"])
+    assert three is not None and (three.job_id, three.texts) == (second.id, ["d"])
+    assert store.claim("w4", 2) is None  # everything is leased
+    assert store.get(first.id).status == "running"  # type: ignore[union-attr]
+
+
+def test_an_expired_lease_is_taken_over_and_the_result_stored_once(url: str) -> None:
+    store = JobStore(url, lease_seconds=0.2)
+    job = store.create(["a", "b"])
+    dead = store.claim("dead-worker", 2)  # its worker dies without saving
+    assert dead is not None and store.claim("w2", 2) is None
+    time.sleep(0.3)
+    taken = store.claim("w2", 2)
+    assert taken is not None and taken.indices == dead.indices
+    assert (store.save(taken, [POSITIVE] * 2) or job).done == 2
+    # The first worker was only slow: its late save must neither overwrite nor count twice.
+    late = store.save(dead, [Prediction("NEGATIVE", 0.6)] * 2)
+    assert late is not None and (late.status, late.done) == ("completed", 2)
+    assert [r.label for r in store.results(job.id, 0, 10)] == ["POSITIVE", "POSITIVE"]
+    store.close()
+
+
+def test_renewing_keeps_a_chunk_from_being_taken(url: str) -> None:
+    store = JobStore(url, lease_seconds=0.3)
+    store.create(["a"])
+    chunk = store.claim("slow-worker", 1)
+    assert chunk is not None
+    for _ in range(3):
+        time.sleep(0.15)
+        store.renew(chunk, "slow-worker")
+        assert store.claim("other", 1) is None
+    store.close()
+
+
+def test_a_failed_job_keeps_its_reason(store: JobStore) -> None:
     job = store.create(["a"])
-    store.fail(job, "RuntimeError: boom")
+    store.fail(job.id, "RuntimeError: boom")
     failed = store.get(job.id)
     assert failed is not None and (failed.status, failed.error) == ("failed", "RuntimeError: boom")
-    assert store.next_unfinished() is None
+    assert store.claim("w", 10) is None
 
 
-def rows(db: Path, job_id: str) -> int:
-    with sqlite3.connect(db) as con:
-        return con.execute("SELECT COUNT(*) FROM job_texts WHERE job_id = ?", (job_id,)).fetchone()[
-            0
-        ]
-
-
-def test_delete_removes_the_job_and_every_text(tmp_path: Path) -> None:
-    db = tmp_path / "jobs.db"
-    store = JobStore(db)
+def test_delete_removes_the_job_and_every_text(store: JobStore) -> None:
     running = store.create(["a", "b", "c"])
     kept = store.create(["d"])
+    chunk = store.claim("w", 2)
+    assert chunk is not None and chunk.job_id == running.id
     assert store.delete(running.id) is True
-    assert store.get(running.id) is None and rows(db, running.id) == 0
+    assert store.get(running.id) is None and rows(store, running.id) == 0
     assert store.delete(running.id) is False  # unknown now
-    assert store.save(running, [Prediction("POSITIVE", 0.9)]) is None  # the loop sees it gone
-    assert store.get(kept.id) is not None and rows(db, kept.id) == 1
+    assert scored(store, chunk) is None  # the loop sees it gone
+    assert rows(store, running.id) == 0 and rows(store, kept.id) == 1
 
 
-def test_purge_deletes_only_finished_jobs_older_than_the_cutoff(tmp_path: Path) -> None:
-    db = tmp_path / "jobs.db"
-    store = JobStore(db)
+def test_purge_deletes_only_finished_jobs_older_than_the_cutoff(store: JobStore) -> None:
     completed = store.create(["a"])
-    store.save(completed, [Prediction("POSITIVE", 0.9)])
+    chunk = store.claim("w", 1)
+    assert chunk is not None and scored(store, chunk) is not None
     failed = store.create(["b"])
-    store.fail(failed, "RuntimeError: boom")
+    store.fail(failed.id, "RuntimeError: boom")
     queued = store.create(["c"])
     assert store.purge(finished_before=time.time() - 60) == []  # all younger than a minute
     assert sorted(store.purge(finished_before=time.time() + 1)) == sorted([completed.id, failed.id])
-    assert store.get(completed.id) is None and rows(db, completed.id) == 0
-    assert store.get(failed.id) is None and rows(db, failed.id) == 0
+    assert rows(store, completed.id) == 0 and rows(store, failed.id) == 0
     assert store.get(queued.id) is not None  # unfinished work is never expired
+
+
+def test_a_database_from_before_versioning_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A jobs.db written by the store before Alembic (its hand-written schema) keeps its jobs."""
+    db = tmp_path / "jobs.db"
+    with sqlite3.connect(db) as old:
+        old.executescript(
+            """
+            CREATE TABLE jobs (id TEXT PRIMARY KEY, status TEXT NOT NULL, total INTEGER NOT NULL,
+                done INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, updated REAL NOT NULL,
+                error TEXT);
+            CREATE TABLE job_texts (job_id TEXT NOT NULL, idx INTEGER NOT NULL,
+                text TEXT NOT NULL, label TEXT, score REAL, PRIMARY KEY (job_id, idx))
+                WITHOUT ROWID;
+            INSERT INTO jobs VALUES ('old', 'running', 2, 1, 1.0, 1.0, NULL);
+            INSERT INTO job_texts VALUES ('old', 0, 'x', 'POSITIVE', 0.9),
+                ('old', 1, 'y', NULL, NULL);
+            """
+        )
+    store = JobStore(database_url(None, db))
+    chunk = store.claim("w", 10)
+    assert chunk is not None and (chunk.job_id, chunk.texts) == ("old", ["y"])
+    finished = store.save(chunk, [POSITIVE])
+    assert finished is not None and (finished.status, finished.done) == ("completed", 2)
+    store.close()

@@ -179,3 +179,16 @@ def test_close_waits_for_the_batch_in_flight_and_stops_the_inference_thread() ->
     assert model.batches == [["a"]]  # the batch in flight was finished, not abandoned
     with pytest.raises(RuntimeError, match="shutdown"):
         scheduler._executor.submit(print)
+
+
+def test_a_coroutine_predict_is_awaited_on_the_event_loop() -> None:
+    """The split layout's predict is an HTTP call to the runner service: awaited, not threaded."""
+    seen: list[str] = []
+
+    async def remote(texts: list[str]) -> list[Prediction]:
+        seen.append(threading.current_thread().name)
+        return [Prediction("NEGATIVE", 0.5) for _ in texts]
+
+    scheduler = BatchScheduler(remote, max_batch_size=8, max_queued_texts=100)
+    assert asyncio.run(scheduler.submit(["x", "y"])) == [Prediction("NEGATIVE", 0.5)] * 2
+    assert seen == [threading.main_thread().name]

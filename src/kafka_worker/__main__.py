@@ -20,7 +20,7 @@ from runners.engine import load_engine
 from runners.model_store import get
 from settings import Settings, get_settings, use_local_models_only
 
-WORKER_SETTINGS = ("model_name", "model_tag", "backend", "inference_threads", "max_text_chars")
+WORKER_SETTINGS = ("model_name", "model_tag", "backend", "max_text_chars")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +51,7 @@ async def main() -> int:
     engine = load_engine(
         model,
         settings.backend,
-        settings.inference_threads,
+        settings.worker_inference_threads,
         settings.kafka_batch_size,
         observe_batch=get_metrics().observe_batch,
     )

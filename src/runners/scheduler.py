@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -26,6 +27,13 @@ from runners.prediction import Prediction
 class Overloaded(Exception):
     """More interactive texts are waiting than the service will queue: answer 503 now rather
     than make the caller wait for a timeout."""
+
+
+Predict = (
+    Callable[[list[str]], list[Prediction]] | Callable[[list[str]], Awaitable[list[Prediction]]]
+)
+"""Scores one batch: a plain function runs in the inference thread (the model in process); a
+coroutine function is awaited on the event loop (a call to a model elsewhere)."""
 
 
 @dataclass
@@ -46,7 +54,7 @@ class QueueState:
 class BatchScheduler:
     def __init__(
         self,
-        predict: Callable[[list[str]], list[Prediction]],
+        predict: Predict,
         max_batch_size: int,
         max_queued_texts: int,
         observe_queue: Callable[[QueueState], None] | None = None,
@@ -135,7 +143,12 @@ class BatchScheduler:
             while batch := self._next_batch():
                 texts = [text for request in batch for text in request.texts]
                 try:
-                    predictions = await loop.run_in_executor(self._executor, self.predict, texts)
+                    if inspect.iscoroutinefunction(self.predict):
+                        predictions = await self.predict(texts)
+                    else:
+                        predictions = await loop.run_in_executor(
+                            self._executor, self.predict, texts
+                        )
                 except Exception as err:  # the callers get the error; the loop lives on
                     for request in batch:
                         if not request.future.done():
