@@ -24,6 +24,7 @@ import structlog
 
 from jobs import Chunk, JobStore
 from runners.prediction import Prediction
+from runners.scheduler import Overloaded
 
 log = structlog.get_logger("kubesentiment.jobs")
 LoopState = Literal["starting", "running", "retrying", "stopped"]
@@ -93,6 +94,8 @@ class JobLoop:
         renewing = asyncio.ensure_future(self.keep_leased(chunk))
         try:
             predictions = await self.score(chunk.texts)
+        except Overloaded:  # the model is busy or away (split layout): not the job's fault
+            raise  # run() retries with backoff; the chunk is claimed again when its lease ends
         except Exception as err:  # a job fails alone; the service and other jobs go on
             log.exception("batch job failed", job_id=chunk.job_id)
             await asyncio.to_thread(self.store.fail, chunk.job_id, f"{type(err).__name__}: {err}")
