@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -130,24 +130,14 @@ class JobStore:
         migrate(self.engine)
 
     def create(self, job_texts: Sequence[str]) -> Job:
-        job_id, now = uuid.uuid4().hex, time.time()
+        now = time.time()
+        job = Job(uuid.uuid4().hex, "queued", len(job_texts), 0, now, now, None)
         with self.engine.begin() as db:
-            db.execute(
-                jobs.insert().values(
-                    id=job_id,
-                    status="queued",
-                    total=len(job_texts),
-                    done=0,
-                    created=now,
-                    updated=now,
-                )
-            )
+            db.execute(jobs.insert().values(**asdict(job)))
             db.execute(
                 texts.insert(),
-                [{"job_id": job_id, "idx": i, "text": text} for i, text in enumerate(job_texts)],
+                [{"job_id": job.id, "idx": i, "text": text} for i, text in enumerate(job_texts)],
             )
-        job = self.get(job_id)
-        assert job is not None
         return job
 
     def get(self, job_id: str) -> Job | None:

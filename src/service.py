@@ -15,6 +15,7 @@ import asyncio
 import gc
 import time
 from collections.abc import Awaitable
+from dataclasses import asdict
 from typing import Any, TypeVar
 
 import bentoml
@@ -218,22 +219,9 @@ class Sentiment:
             text=text, sentiment=sentiment(prediction.label, prediction.score), model=self.ref
         )
 
-    @bentoml.api(route="/api/v1/predict")
-    async def predict(self, text: Text, ctx: bentoml.Context) -> PredictResponse:
-        """Score one text."""
-        if not self.accepting:
-            return unavailable(ctx, "shutting down; retry on another replica")
-        try:
-            scored = await unless_client_leaves(ctx.request, self.score([text]))
-        except Overloaded as err:
-            return unavailable(ctx, f"overloaded: {err}; retry shortly")
-        if scored is None:
-            return error(ctx, CLIENT_CLOSED_REQUEST, "client closed the request")
-        return self.response(text, scored[0])
-
-    @bentoml.api(route="/api/v1/predict/batch")
-    async def predict_batch(self, texts: BatchTexts, ctx: bentoml.Context) -> BatchPredictResponse:
-        """Score up to MAX_BATCH_TEXTS texts at once; results keep the input order."""
+    async def score_for(self, ctx: bentoml.Context, texts: list[str]) -> list[Prediction] | Any:
+        """The predictions of a caller's texts, or the error answer to return instead: shutting
+        down, overloaded (both 503), or the client went away before its turn."""
         if not self.accepting:
             return unavailable(ctx, "shutting down; retry on another replica")
         try:
@@ -242,6 +230,22 @@ class Sentiment:
             return unavailable(ctx, f"overloaded: {err}; retry shortly")
         if scored is None:
             return error(ctx, CLIENT_CLOSED_REQUEST, "client closed the request")
+        return scored
+
+    @bentoml.api(route="/api/v1/predict")
+    async def predict(self, text: Text, ctx: bentoml.Context) -> PredictResponse:
+        """Score one text."""
+        scored = await self.score_for(ctx, [text])
+        if not isinstance(scored, list):  # the error answer
+            return scored
+        return self.response(text, scored[0])
+
+    @bentoml.api(route="/api/v1/predict/batch")
+    async def predict_batch(self, texts: BatchTexts, ctx: bentoml.Context) -> BatchPredictResponse:
+        """Score up to MAX_BATCH_TEXTS texts at once; results keep the input order."""
+        scored = await self.score_for(ctx, texts)
+        if not isinstance(scored, list):  # the error answer
+            return scored
         results = [self.response(t, p) for t, p in zip(texts, scored, strict=True)]
         return BatchPredictResponse(results=results, model=self.ref)
 
@@ -335,7 +339,6 @@ class Sentiment:
             reason = "shutting down"
         elif loop.state in ("retrying", "stopped"):
             reason = f"batch job loop {loop.state}" + (f" after {loop.error}" if loop.error else "")
-        queue = self.scheduler.state
         body = Health(
             status="ok" if reason is None else "unavailable",
             reason=reason,
@@ -344,11 +347,7 @@ class Sentiment:
             model_version=self.model.version,
             uptime_seconds=round(time.monotonic() - self.started, 1),
             jobs=JobLoopHealth(state=loop.state, error=loop.error),
-            queue=QueueHealth(
-                interactive_texts=queue.interactive_texts,
-                bulk_texts=queue.bulk_texts,
-                requests_in_flight=queue.requests_in_flight,
-            ),
+            queue=QueueHealth(**asdict(self.scheduler.state)),
         )
         if reason is None:
             return body

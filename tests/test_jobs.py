@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from jobs import Chunk, JobStore, database_url, texts
+from jobs import Chunk, Job, JobStore, database_url, texts
 from runners.prediction import Prediction
 from tests.conftest import fresh_database
 
@@ -33,9 +33,8 @@ def store(url: str) -> Iterator[JobStore]:
     opened.close()
 
 
-def scored(store: JobStore, chunk: Chunk) -> Prediction | None:
-    job = store.save(chunk, [POSITIVE] * len(chunk.texts))
-    return None if job is None else POSITIVE
+def save_all(store: JobStore, chunk: Chunk) -> Job | None:
+    return store.save(chunk, [POSITIVE] * len(chunk.texts))
 
 
 def rows(store: JobStore, job_id: str) -> int:
@@ -120,14 +119,14 @@ def test_delete_removes_the_job_and_every_text(store: JobStore) -> None:
     assert store.delete(running.id) is True
     assert store.get(running.id) is None and rows(store, running.id) == 0
     assert store.delete(running.id) is False  # unknown now
-    assert scored(store, chunk) is None  # the loop sees it gone
+    assert save_all(store, chunk) is None  # the loop sees it gone
     assert rows(store, running.id) == 0 and rows(store, kept.id) == 1
 
 
 def test_purge_deletes_only_finished_jobs_older_than_the_cutoff(store: JobStore) -> None:
     completed = store.create(["a"])
     chunk = store.claim("w", 1)
-    assert chunk is not None and scored(store, chunk) is not None
+    assert chunk is not None and save_all(store, chunk) is not None
     failed = store.create(["b"])
     store.fail(failed.id, "RuntimeError: boom")
     queued = store.create(["c"])

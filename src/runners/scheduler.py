@@ -61,6 +61,7 @@ class BatchScheduler:
         observe_dropped: Callable[[int], None] | None = None,
     ) -> None:
         self.predict = predict
+        self._awaits_predict = inspect.iscoroutinefunction(predict)
         self.max_batch_size = max_batch_size
         self.max_queued_texts = max_queued_texts
         self.queued_texts = 0  # interactive texts waiting, for admission control
@@ -128,7 +129,7 @@ class BatchScheduler:
         return batch
 
     async def close(self) -> None:
-        """Stop the batching loop and the inference thread, after the batch in flight."""
+        """Stop the batching loop, then the inference thread once it has finished its batch."""
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -143,8 +144,8 @@ class BatchScheduler:
             while batch := self._next_batch():
                 texts = [text for request in batch for text in request.texts]
                 try:
-                    if inspect.iscoroutinefunction(self.predict):
-                        predictions = await self.predict(texts)
+                    if self._awaits_predict:
+                        predictions = await self.predict(texts)  # type: ignore[misc]
                     else:
                         predictions = await loop.run_in_executor(
                             self._executor, self.predict, texts
