@@ -15,10 +15,13 @@ from observability import get_metrics
 API_PREFIX = "/api/v1/"
 REASONS = {
     400: "invalid_input",
+    401: "unauthenticated",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "too_large",
     415: "unsupported_media_type",
+    429: "rate_limited",
     499: "client_closed_request",
     503: "unavailable",
 }

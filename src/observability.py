@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,11 @@ class Metrics:
         )
         self.errors = Counter(
             "kubesentiment_errors", "Requests answered with an error, by reason", ["reason"]
+        )
+        self.requests_by_key = Counter(
+            "kubesentiment_api_requests",
+            "Requests let through to the API, by API key name (anonymous with API_AUTH off)",
+            ["api_key"],
         )
         # Gauges add up over the live worker processes ("livesum"): one number per pod.
         self.queued_texts = Gauge(
@@ -106,13 +112,35 @@ def render_metrics() -> tuple[bytes, str]:
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """JSON logs, one event per line, ready for any log shipper."""
+    """JSON logs, one event per line, ready for any log shipper: ours (structlog) and those of
+    the libraries (BentoML's access log, uvicorn, aiokafka) alike. Each line carries the
+    context bound for the request or message it belongs to (`request_id`, `api_key`)."""
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso"),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=[*shared, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
     )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)
+    # BentoML gives its loggers handlers of its own, with a plain-text format: route them to ours.
+    for name in ("bentoml", "bentoml.access", "circus", "uvicorn", "uvicorn.error"):
+        library = logging.getLogger(name)
+        library.handlers = []
+        library.propagate = True
+    logging.getLogger("bentoml").setLevel(level)

@@ -28,9 +28,12 @@ from fastapi.responses import Response
 from starlette.responses import JSONResponse
 
 from api_errors import ApiErrors, readable
+from api_gate import ApiGate
+from api_keys import InvalidKeys, KeyRing, parse_keys
 from job_loop import JobLoop
 from jobs import Job, JobStore, database_url
 from observability import configure_logging, get_metrics, render_metrics
+from request_ids import RequestIds
 from runners.engine import load_engine
 from runners.model_store import StoredModel
 from runners.prediction import Prediction
@@ -53,12 +56,15 @@ from schemas import (
     Text,
 )
 from settings import get_settings, use_local_models_only
+from vault import SecretWatch, Vault, VaultError, with_vault_secrets
 
 settings = get_settings()
 log = structlog.get_logger("kubesentiment")
 GC_THRESHOLDS = (100_000, 50, 1000)  # CPython's defaults: (2000, 10, 10)
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for it: nobody reads it, the logs and metrics do
 T = TypeVar("T")
+# The API keys valid now, shared with the ApiGate middleware; Vault's refresh replaces them.
+API_KEYS = KeyRing()
 read_api = FastAPI(title="KubeSentiment", description="Health, model, metrics and job results.")
 
 
@@ -144,6 +150,13 @@ class Sentiment:
     def __init__(self) -> None:
         use_local_models_only()
         configure_logging()
+        try:
+            vault = Vault.connect(settings)
+            secrets = with_vault_secrets(settings, vault)
+            self.key_watch = self.load_api_keys(vault)
+        except (VaultError, InvalidKeys) as err:
+            log.critical(f"cannot start: {err}")
+            raise SystemExit(2) from None
         self.metrics = get_metrics()
         self.model = StoredModel.from_bentoml(self.model_ref)
         self.scheduler = BatchScheduler(
@@ -153,7 +166,7 @@ class Sentiment:
             observe_queue=self.metrics.observe_queue,
             observe_dropped=self.metrics.dropped_texts.inc,
         )
-        url = settings.jobs_database_url
+        url = secrets.jobs_database_url
         self.jobs = JobStore(
             database_url(url.get_secret_value() if url else None, settings.jobs_db),
             lease_seconds=settings.job_lease.total_seconds(),
@@ -181,6 +194,23 @@ class Sentiment:
             jobs=self.jobs.engine.url.render_as_string(hide_password=True),
         )
 
+    @staticmethod
+    def load_api_keys(vault: Vault | None) -> SecretWatch | None:
+        """Fill API_KEYS: from Vault, re-read every VAULT_REFRESH (the watch returned), or once
+        from API_KEYS. Auth off: no keys, and a warning that the API is open."""
+        if not settings.api_auth:
+            log.warning("API_AUTH is off: anyone who can reach this port can use the API")
+            return None
+        watch = None
+        if vault is not None:
+            watch = SecretWatch(vault, settings.vault_api_keys_path, API_KEYS.replace)
+        elif settings.api_keys is not None:
+            API_KEYS.replace(parse_keys(settings.api_keys.get_secret_value()))
+        if not API_KEYS.names:
+            raise InvalidKeys("API_AUTH is on but there are no API keys (API_KEYS or Vault)")
+        log.info("API keys loaded", names=API_KEYS.names, source="vault" if watch else "env")
+        return watch
+
     def load_predict(self) -> Predict:
         """What the scheduler calls with each batch: the engine, or one HTTP call per batch to the
         runner service (whose own batching then merges the batches of several entry pods)."""
@@ -206,8 +236,13 @@ class Sentiment:
         return engine.predict
 
     def __is_ready__(self) -> bool:
-        """BentoML's /readyz: not ready once shutdown began, so no new work is routed here."""
-        return self.accepting
+        """BentoML's /readyz: not ready once shutdown began, or once the API keys from Vault
+        are too old to trust, so no new work is routed here."""
+        return self.accepting and self.secrets_problem is None
+
+    @property
+    def secrets_problem(self) -> str | None:
+        return self.key_watch.stale if self.key_watch is not None else None
 
     async def score(self, texts: list[str], bulk: bool = False) -> list[Prediction]:
         predictions = await self.scheduler.submit(texts, bulk=bulk)
@@ -273,6 +308,8 @@ class Sentiment:
         await self.job_loop.stop(settings.shutdown_timeout)
         await self.scheduler.close()
         await asyncio.to_thread(self.jobs.close)
+        if self.key_watch is not None:
+            self.key_watch.stop()
         log.info("shut down cleanly")
 
     @read_api.get(
@@ -337,6 +374,8 @@ class Sentiment:
         reason = None
         if not self.accepting:
             reason = "shutting down"
+        elif self.secrets_problem is not None:
+            reason = self.secrets_problem
         elif loop.state in ("retrying", "stopped"):
             reason = f"batch job loop {loop.state}" + (f" after {loop.error}" if loop.error else "")
         body = Health(
@@ -375,5 +414,8 @@ class Sentiment:
         return Response(payload, media_type=content_type)
 
 
-# The decorators return a bentoml Service; their type hints don't say so.
+# The decorators return a bentoml Service; their type hints don't say so. The first added is the
+# outermost: every answer gets a request id, every error is counted, then the gate checks.
+Sentiment.add_asgi_middleware(RequestIds)  # type: ignore[attr-defined]
 Sentiment.add_asgi_middleware(ApiErrors)  # type: ignore[attr-defined]
+Sentiment.add_asgi_middleware(ApiGate, keys=API_KEYS)  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Backend = Literal["onnx-int8", "onnx-fp32", "pytorch"]
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -25,7 +25,16 @@ def _duration(value: Any) -> Any:
     return value
 
 
+def _comma_list(value: Any) -> Any:
+    return (
+        [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, str)
+        else value
+    )
+
+
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_comma_list)]
 AbsolutePath = Annotated[Path, AfterValidator(lambda path: path.expanduser().absolute())]
 
 
@@ -101,6 +110,85 @@ class Settings(BaseSettings):
         default=timedelta(seconds=20),
         description="On SIGTERM, how long the job loop may take to finish its chunk in flight; "
         "keep it under the pod's termination grace period.",
+    )
+
+    # Security (README, Security)
+    api_auth: bool = Field(
+        default=False,
+        description="Require an API key (Authorization: Bearer, or X-API-Key) on the prediction, "
+        "job and model endpoints. Off for `make run` (a warning says so); on in the Helm chart.",
+    )
+    api_keys: SecretStr | None = Field(
+        default=None,
+        description="name:key[,name:key...] when the keys are not in Vault. Several keys are valid "
+        "at once (rotation); the name, never the key, appears in logs and metrics.",
+    )
+    api_open_paths: CommaList = Field(
+        default=["/api/v1/health", "/api/v1/metrics"],
+        description="Paths under /api/v1 that need no key (comma-separated). BentoML's own "
+        "/livez, /readyz, /metrics and the docs are always open.",
+    )
+    rate_limit_per_second: float = Field(
+        default=0,
+        ge=0,
+        description="Requests per second per API key (per client address with auth off), "
+        "per worker process; 0 turns rate limiting off.",
+    )
+    rate_limit_burst: int = Field(
+        default=20, ge=1, description="Requests a key may send at once before the rate applies."
+    )
+    max_request_bytes: int = Field(
+        default=32 * 2**20,
+        ge=1024,
+        description="Largest request body; larger ones get 413 before they are read in full.",
+    )
+    vault_addr: str | None = Field(
+        default=None,
+        description="Vault (or OpenBao) URL. Set: the API keys, and the Kafka and jobs database "
+        "secrets where their paths are set, come from Vault; unset: from the environment.",
+    )
+    vault_auth_method: Literal["token", "approle", "kubernetes"] = "token"
+    vault_auth_mount: str | None = Field(
+        default=None, description="Mount point of the auth method; its name when unset."
+    )
+    vault_token: SecretStr | None = Field(default=None, description="For VAULT_AUTH_METHOD=token.")
+    vault_role_id: str | None = Field(default=None, description="For VAULT_AUTH_METHOD=approle.")
+    vault_secret_id: SecretStr | None = Field(
+        default=None, description="For VAULT_AUTH_METHOD=approle."
+    )
+    vault_kubernetes_role: str | None = Field(
+        default=None, description="For VAULT_AUTH_METHOD=kubernetes: the Vault role to log in as."
+    )
+    vault_kubernetes_token_file: Path = Field(
+        default=Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+        description="The pod's service account token, for VAULT_AUTH_METHOD=kubernetes.",
+    )
+    vault_cacert: Path | None = Field(
+        default=None, description="CA bundle of Vault's TLS certificate; the system's when unset."
+    )
+    vault_kv_mount: str = Field(default="secret", description="Mount point of the KV v2 engine.")
+    vault_api_keys_path: str = Field(
+        default="kubesentiment/api-keys",
+        description="KV v2 path of the API keys: one field per key, the field name is the key's "
+        "name. Re-read every VAULT_REFRESH: a key added or removed there takes effect live.",
+    )
+    vault_kafka_path: str | None = Field(
+        default=None,
+        description="KV v2 path with `username` and `password` for Kafka SASL (read at start).",
+    )
+    vault_jobs_database_path: str | None = Field(
+        default=None, description="KV v2 path with `url`, the JOBS_DATABASE_URL (read at start)."
+    )
+    vault_refresh: Duration = Field(
+        default=timedelta(seconds=60),
+        gt=timedelta(0),
+        description="How often secrets are re-read from Vault (and the token renewed).",
+    )
+    vault_max_stale: Duration = Field(
+        default=timedelta(hours=1),
+        gt=timedelta(0),
+        description="How long the last secrets read stay in use while Vault cannot be reached; "
+        "after that the service reports not ready until a read succeeds.",
     )
 
     # Kafka worker
