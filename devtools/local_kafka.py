@@ -154,7 +154,12 @@ class WorkerProcess:
         **env_overrides: str,
     ) -> None:
         self.port = port
-        self.log = Path(tempfile.gettempdir()) / f"kubesentiment-worker-{port}.log"
+        # KUBESENTIMENT_LOG_DIR: where the test suite collects the logs of a run (to scan them).
+        log_dir = os.environ.get("KUBESENTIMENT_LOG_DIR") or tempfile.gettempdir()
+        _, log_file = tempfile.mkstemp(
+            prefix=f"kubesentiment-worker-{port}-", suffix=".log", dir=log_dir
+        )
+        self.log = Path(log_file)
         env = {
             **os.environ,
             "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,

@@ -19,7 +19,8 @@ from pathlib import Path
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="kubesentiment-test-bentoml-")
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
+# Every server and worker of the run logs into this folder: test_log_hygiene reads it at the end.
+os.environ["KUBESENTIMENT_LOG_DIR"] = tempfile.mkdtemp(prefix="kubesentiment-test-logs-")
 import httpx
 import psutil
 import psycopg
@@ -30,6 +31,7 @@ from models.train import TrainConfig
 from runners.model_store import StoredModel
 from settings import get_settings
 
+LOG_DIR = Path(os.environ["KUBESENTIMENT_LOG_DIR"])
 SMALL_LIMIT = 1000
 SMALL_CONFIG = TrainConfig(epochs=1, learning_rate=1e-4)  # 1,000 sentences: 50 steps
 
@@ -56,9 +58,13 @@ class Server:
         port: int,
         bentoml: Path = Path(sys.executable).parent / "bentoml",
         cwd: Path = ROOT,
+        args: tuple[str, ...] = (),
+        scheme: str = "http",
+        verify: str | bool = True,
         **env: str,
     ) -> None:
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{scheme}://127.0.0.1:{port}"
+        self.args, self.verify = args, verify
         self.target, self.port = target, port
         self.bentoml, self.cwd = bentoml, cwd
         # BentoML keeps Prometheus files in $BENTOML_HOME/prometheus_multiproc_dir and clears
@@ -74,7 +80,8 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, ready_path: str = "/readyz") -> Server:
-        self.log = Path(tempfile.gettempdir()) / f"kubesentiment-serve-{self.port}.log"
+        _, log_file = tempfile.mkstemp(prefix=f"serve-{self.port}-", suffix=".log", dir=LOG_DIR)
+        self.log = Path(log_file)
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
                 [
@@ -85,6 +92,7 @@ class Server:
                     "127.0.0.1",
                     "--port",
                     str(self.port),
+                    *self.args,
                 ],
                 cwd=self.cwd,
                 env=self.env,
@@ -97,7 +105,8 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(self.url + ready_path, timeout=1).status_code == 200:
+                ready = httpx.get(self.url + ready_path, timeout=1, verify=self.verify)
+                if ready.status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
