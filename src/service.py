@@ -55,7 +55,7 @@ from schemas import (
     SentimentScore,
     Text,
 )
-from settings import get_settings, use_local_models_only
+from settings import Settings, get_settings, use_local_models_only
 from vault import SecretWatch, Vault, VaultError, with_vault_secrets
 
 settings = get_settings()
@@ -133,6 +133,34 @@ def job_status(job: Job) -> JobStatus:
     )
 
 
+def load_api_keys(vault: Vault | None) -> SecretWatch | None:
+    """Fill API_KEYS from Vault (and the watch that re-reads them, returned) or from API_KEYS.
+    Auth off: no keys, and a warning that the API is open."""
+    if not settings.api_auth:
+        log.warning("API_AUTH is off: anyone who can reach this port can use the API")
+        return None
+    watch = None
+    if vault is not None:
+        watch = SecretWatch(vault, settings.vault_api_keys_path, API_KEYS.replace)
+    elif settings.api_keys is not None:
+        API_KEYS.replace(parse_keys(settings.api_keys.get_secret_value()))
+    if not API_KEYS.names:
+        raise InvalidKeys("API_AUTH is on but there are no API keys (API_KEYS or Vault)")
+    log.info("API keys loaded", names=API_KEYS.names, source="vault" if watch else "env")
+    return watch
+
+
+def open_secrets() -> tuple[Settings, SecretWatch | None]:
+    """The settings with the secrets from Vault in them, and the watch that keeps the API keys
+    fresh (not started). A secret that cannot be had ends the process: one line, status 2."""
+    try:
+        vault = Vault.connect(settings)
+        return with_vault_secrets(settings, vault), load_api_keys(vault)
+    except (VaultError, InvalidKeys) as err:
+        log.critical(f"cannot start: {err}")
+        raise SystemExit(2) from None
+
+
 @bentoml.service(name="kubesentiment", workers=settings.service_workers, traffic={"timeout": 60})
 @bentoml.asgi_app(read_api, path="/api/v1")
 class Sentiment:
@@ -150,13 +178,9 @@ class Sentiment:
     def __init__(self) -> None:
         use_local_models_only()
         configure_logging()
-        try:
-            vault = Vault.connect(settings)
-            secrets = with_vault_secrets(settings, vault)
-            self.key_watch = self.load_api_keys(vault)
-        except (VaultError, InvalidKeys) as err:
-            log.critical(f"cannot start: {err}")
-            raise SystemExit(2) from None
+        secrets, self.key_watch = open_secrets()
+        if self.key_watch is not None:
+            self.key_watch.start()
         self.metrics = get_metrics()
         self.model = StoredModel.from_bentoml(self.model_ref)
         self.scheduler = BatchScheduler(
@@ -194,22 +218,13 @@ class Sentiment:
             jobs=self.jobs.engine.url.render_as_string(hide_password=True),
         )
 
-    @staticmethod
-    def load_api_keys(vault: Vault | None) -> SecretWatch | None:
-        """Fill API_KEYS: from Vault, re-read every VAULT_REFRESH (the watch returned), or once
-        from API_KEYS. Auth off: no keys, and a warning that the API is open."""
-        if not settings.api_auth:
-            log.warning("API_AUTH is off: anyone who can reach this port can use the API")
-            return None
-        watch = None
-        if vault is not None:
-            watch = SecretWatch(vault, settings.vault_api_keys_path, API_KEYS.replace)
-        elif settings.api_keys is not None:
-            API_KEYS.replace(parse_keys(settings.api_keys.get_secret_value()))
-        if not API_KEYS.names:
-            raise InvalidKeys("API_AUTH is on but there are no API keys (API_KEYS or Vault)")
-        log.info("API keys loaded", names=API_KEYS.names, source="vault" if watch else "env")
-        return watch
+    @bentoml.on_deployment
+    def check_secrets() -> None:
+        """Once, in `bentoml serve` itself before any worker starts: a secret that cannot be had
+        stops the server with one line and exit status 2. (A worker failing its start-up would
+        be restarted by BentoML for ever, repeating the error.)"""
+        configure_logging()
+        open_secrets()
 
     def load_predict(self) -> Predict:
         """What the scheduler calls with each batch: the engine, or one HTTP call per batch to the

@@ -151,10 +151,12 @@ class SecretWatch:
         self.refresh_s = vault.settings.vault_refresh.total_seconds()
         self.max_stale_s = vault.settings.vault_max_stale.total_seconds()
         self.error: str | None = None
-        self.read()  # at start-up a failure is raised: the caller stops the process
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.run, name=f"vault:{path}", daemon=True)
-        self.thread.start()
+        self.read()  # at start-up a failure is raised: the caller stops the process
+
+    def start(self) -> SecretWatch:
+        threading.Thread(target=self.run, name=f"vault:{self.path}", daemon=True).start()
+        return self
 
     def read(self) -> None:
         self.vault.keep_token_alive(margin_s=2 * self.refresh_s)

@@ -19,6 +19,7 @@ from observability import configure_logging, get_metrics
 from runners.engine import load_engine
 from runners.model_store import get
 from settings import Settings, get_settings, use_local_models_only
+from vault import Vault, VaultError, with_vault_secrets
 
 WORKER_SETTINGS = ("model_name", "model_tag", "backend", "max_text_chars")
 
@@ -29,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lines = [
         f"  {name.upper():<28} {field.description or 'see README'} (default: {field.default})"
         for name, field in Settings.model_fields.items()
-        if name in WORKER_SETTINGS or name.startswith(("kafka_", "worker_"))
+        if name in WORKER_SETTINGS or name.startswith(("kafka_", "worker_", "vault_"))
     ]
     parser = argparse.ArgumentParser(
         prog="python -m kafka_worker",
@@ -44,9 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def main() -> int:
     """Runs until SIGTERM; the exit status is 2 for a configuration that retrying cannot fix."""
     use_local_models_only()
-    settings = get_settings()
     configure_logging()
     log = structlog.get_logger("kafka_worker")
+    try:  # the Kafka credentials, when VAULT_KAFKA_PATH names them
+        settings = with_vault_secrets(get_settings(), Vault.connect(get_settings()))
+    except VaultError as err:
+        log.critical(f"cannot start: {err}")
+        return 2
     model = get(settings.model_store_tag)
     engine = load_engine(
         model,
