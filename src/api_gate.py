@@ -31,9 +31,18 @@ SECURITY_SCHEMES = {
 }
 ERROR_SCHEMA = {
     "type": "object",
-    "properties": {"error": {"type": "string"}},
+    "properties": {
+        "error": {"type": "string"},
+        "detail": {
+            "type": "array",
+            "items": {"type": "object"},
+            "description": "Invalid input (400): one entry per broken field, for programs",
+        },
+    },
     "required": ["error"],
 }
+# BentoML documents every @bentoml.api answer as 200; these operations succeed with another status.
+SUCCESS_STATUS = {("/api/v1/batch/predict", "post"): "202"}
 
 
 def error_response(description: str) -> dict[str, Any]:
@@ -178,16 +187,34 @@ class ApiGate:
         if self.limiter is not None:
             refusals["429"] = "Rate limit of the key (or address) exceeded; see Retry-After"
         for path, operations in spec.get("paths", {}).items():
-            if not self.guarded(path):
+            if not path.startswith(API_PREFIX):
                 continue
-            for operation in operations.values():
+            for method, operation in operations.items():
                 if not isinstance(operation, dict) or "responses" not in operation:
+                    continue
+                self.document_errors(operation, SUCCESS_STATUS.get((path, method)))
+                if not self.guarded(path):
                     continue
                 if self.auth:
                     operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
                 for status, description in refusals.items():
                     operation["responses"].setdefault(status, error_response(description))
         return spec
+
+    @staticmethod
+    def document_errors(operation: dict[str, Any], success: str | None) -> None:
+        """What the generated entries get wrong about our answers: every invalid input is 400
+        with {"error", "detail": [...]} (ApiErrors; FastAPI documents 422, BentoML a string
+        detail), a JSON body is required (ApiErrors answers 415 without one) and some
+        operations succeed with another status than BentoML's 200."""
+        responses = operation["responses"]
+        if responses.pop("422", None) is not None or "400" in responses:
+            responses["400"] = error_response("Invalid input; `error` names the field and limit")
+        if "requestBody" in operation:
+            operation["requestBody"]["required"] = True
+            responses["415"] = error_response("Content-Type is not application/json")
+        if success is not None and "200" in responses:
+            responses[success] = responses.pop("200")
 
     def too_large(self) -> str:
         return f"request body larger than {self.max_bytes} bytes (MAX_REQUEST_BYTES)"

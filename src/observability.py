@@ -15,6 +15,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from runners.prediction import Prediction
 
@@ -111,6 +113,29 @@ def render_metrics() -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+class ClientErrors(logging.Filter):
+    """BentoML logs a request with an invalid body as an ERROR with a traceback, and pydantic's
+    message in it quotes the input: the text being scored. Such a record keeps its line and
+    gains the field errors, at INFO, without the input or the traceback (the client got a 400
+    that says the same)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ValidationError):
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}"
+                for e in error.errors(include_input=False, include_url=False)
+            )
+        elif isinstance(error, ClientDisconnect):
+            problems = "the client went away (or its body was cut at MAX_REQUEST_BYTES)"
+        else:
+            return True
+        record.msg, record.args = f"{record.getMessage()}: {problems}", ()
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def configure_logging(level: str = "INFO") -> None:
     """JSON logs, one event per line, ready for any log shipper: ours (structlog) and those of
     the libraries (BentoML's access log, uvicorn, aiokafka) alike. Each line carries the
@@ -125,6 +150,7 @@ def configure_logging(level: str = "INFO") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
     )
     handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(ClientErrors())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
