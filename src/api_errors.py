@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from observability import get_metrics
@@ -44,6 +45,15 @@ def readable(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "error": "; ".join(parts)}
 
 
+def routed(scope: Scope) -> bool:
+    """Whether a route of the app takes this method at this path; without one the app answers
+    404 or 405 itself, which say more than 415 would."""
+    routes = getattr(scope.get("app"), "routes", None)
+    if routes is None:
+        return True
+    return any(route.matches(scope)[0] is Match.FULL for route in routes)
+
+
 class ApiErrors:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -55,7 +65,7 @@ class ApiErrors:
         if scope["method"] == "POST":
             declared = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
             media_type = declared.split(";")[0].strip().lower()
-            if media_type != "application/json":
+            if media_type != "application/json" and routed(scope):
                 get_metrics().errors.labels(reason(415)).inc()
                 got = media_type or "no Content-Type"
                 response = JSONResponse(

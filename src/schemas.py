@@ -18,12 +18,16 @@ def _not_blank(text: str) -> str:
     return text
 
 
+# What _not_blank checks, for the document: a character that str.strip() keeps. Spelled out
+# because the document's patterns are ECMA-262 regexes, whose \s lacks \x1c-\x1f and \x85.
+NOT_BLANK = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 Text = Annotated[
     str,
     Field(
         min_length=1,
         max_length=settings.max_text_chars,
         examples=["I love this movie, it was wonderful!"],
+        json_schema_extra={"pattern": NOT_BLANK},
     ),
     AfterValidator(_not_blank),
 ]
@@ -66,7 +70,9 @@ class JobStatus(BaseModel):
     progress: float = Field(ge=0, le=1)
     created_at: float
     updated_at: float
-    error: str | None = None
+    # OpenAPI 3.0 spells "or null" `nullable`: BentoML's document of an API's output keeps only
+    # the first type of an Optional field (a string), which a null `error` then breaks.
+    error: str | None = Field(None, json_schema_extra={"nullable": True})
 
 
 class JobResultItem(BaseModel):

