@@ -4,7 +4,10 @@ a real `bentoml serve` for API keys, rate limits, the body limit, request ids an
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -364,3 +367,21 @@ def test_canary_text_is_scored_everywhere(guarded: Server) -> None:
         lambda: httpx.get(status, headers=headers, timeout=10).json()["status"] == "completed",
         "job done",
     )
+
+
+def test_the_kafka_worker_stops_with_one_line_when_vault_is_unreachable(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "VAULT_ADDR": "http://127.0.0.1:9",  # nothing listens on the discard port
+        "VAULT_TOKEN": OpenBao.ROOT_TOKEN,
+        "VAULT_KAFKA_PATH": "kubesentiment/kafka",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "kafka_worker"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    fatal = [json.loads(line) for line in done.stdout.splitlines() if "cannot start" in line]
+    assert [line["event"] for line in fatal] == [
+        "cannot start: Vault login (token, auth/token) at http://127.0.0.1:9 failed: "
+        "Vault unreachable"
+    ]

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import bentoml
 
-from observability import get_metrics
+from observability import configure_logging, get_metrics
 from runners.engine import load_engine
 from runners.model_store import StoredModel
 from runners.prediction import Prediction
@@ -30,6 +30,7 @@ class _Runner:
 
     def __init__(self) -> None:
         use_local_models_only()
+        configure_logging()
         model = StoredModel.from_bentoml(self.model_ref)
         self.engine = load_engine(
             model,
