@@ -44,7 +44,10 @@ def _data_home() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    # An empty variable (a Helm value left as "") means unset, not an empty path or name.
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", frozen=True, env_ignore_empty=True
+    )
 
     # Model pipeline
     data_dir: Path = Field(

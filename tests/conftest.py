@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # Before bentoml is imported anywhere: its store location is read once.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="kubesentiment-test-bentoml-")
@@ -234,7 +235,7 @@ class OpenBao:
     def put(self, path: str, **fields: str) -> None:
         self.client.secrets.kv.v2.create_or_update_secret(path, secret=fields)
 
-    def approle(self, name: str, readable: str) -> dict[str, str]:
+    def approle(self, name: str, readable: str) -> dict[str, Any]:
         """A role whose tokens may read `readable` (a KV v2 path, glob allowed) and nothing
         else; the environment for logging in with it."""
         if "approle/" not in self.client.sys.list_auth_methods():

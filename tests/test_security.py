@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from api_keys import InvalidKeys, KeyRing, parse_keys
 from rate_limits import RateLimiter
@@ -90,7 +91,7 @@ def test_approle_login_reads_the_kafka_and_database_secrets(openbao: OpenBao) ->
         vault_addr=env["VAULT_ADDR"],
         vault_auth_method="approle",
         vault_role_id=env["VAULT_ROLE_ID"],
-        vault_secret_id=env["VAULT_SECRET_ID"],
+        vault_secret_id=SecretStr(env["VAULT_SECRET_ID"]),
         vault_kafka_path="kubesentiment/kafka",
         vault_jobs_database_path="kubesentiment/jobs-database",
     )
@@ -110,12 +111,12 @@ def test_vault_errors_name_the_path_and_the_reason(openbao: OpenBao) -> None:
             vault_addr=openbao.url,
             vault_auth_method="approle",
             vault_role_id=denied["VAULT_ROLE_ID"],
-            vault_secret_id=denied["VAULT_SECRET_ID"],
+            vault_secret_id=SecretStr(denied["VAULT_SECRET_ID"]),
         )
     )
     with pytest.raises(VaultError, match="secret/kubesentiment/kafka: permission denied"):
         vault.read("kubesentiment/kafka")
-    root = Vault(Settings(vault_addr=openbao.url, vault_token=OpenBao.ROOT_TOKEN))
+    root = Vault(Settings(vault_addr=openbao.url, vault_token=SecretStr(OpenBao.ROOT_TOKEN)))
     with pytest.raises(VaultError, match="secret/kubesentiment/nothing: no secret there"):
         root.read("kubesentiment/nothing")
     with pytest.raises(VaultError, match="secret/kubesentiment/kafka: no password field"):
@@ -126,11 +127,11 @@ def test_vault_errors_name_the_path_and_the_reason(openbao: OpenBao) -> None:
                 vault_addr=openbao.url,
                 vault_auth_method="approle",
                 vault_role_id="x",
-                vault_secret_id="y",
+                vault_secret_id=SecretStr("y"),
             )
         )
     with pytest.raises(VaultError, match="Vault unreachable"):
-        Vault(Settings(vault_addr="http://127.0.0.1:9", vault_token=OpenBao.ROOT_TOKEN))
+        Vault(Settings(vault_addr="http://127.0.0.1:9", vault_token=SecretStr(OpenBao.ROOT_TOKEN)))
 
 
 # Vault, through a real `bentoml serve`

@@ -52,3 +52,11 @@ def test_a_retention_that_is_not_a_positive_duration_is_refused(
 def test_the_default_retention_is_a_day(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("JOB_RETENTION", raising=False)
     assert Settings().job_retention == timedelta(hours=24)
+
+
+def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Helm value left as "" must not become the path '.' (a CA file that is a directory)."""
+    monkeypatch.setenv("KAFKA_SSL_CAFILE", "")
+    monkeypatch.setenv("VAULT_ADDR", "")
+    settings = Settings()
+    assert settings.kafka_ssl_cafile is None and settings.vault_addr is None
