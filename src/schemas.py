@@ -15,12 +15,16 @@ settings = get_settings()
 def _not_blank(text: str) -> str:
     if not text.strip():
         raise ValueError("text is empty or only whitespace")
+    if "\x00" in text:  # no text column (PostgreSQL's) can hold it, and no reader means it
+        raise ValueError("text contains a NUL character")
     return text
 
 
-# What _not_blank checks, for the document: a character that str.strip() keeps. Spelled out
-# because the document's patterns are ECMA-262 regexes, whose \s lacks \x1c-\x1f and \x85.
-NOT_BLANK = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+# What _not_blank checks, for the document: no NUL, and a character that str.strip() keeps.
+# Spelled out because the document's patterns are ECMA-262 regexes, whose \s lacks \x1c-\x1f
+# and \x85.
+_KEPT_BY_STRIP = r"[^\x00\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+NOT_BLANK = rf"^[^\x00]*{_KEPT_BY_STRIP}[^\x00]*$"
 Text = Annotated[
     str,
     Field(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import re
 import time
 from collections.abc import Awaitable
 from dataclasses import asdict
@@ -25,6 +26,7 @@ from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from api_errors import ApiErrors, readable
@@ -62,16 +64,19 @@ settings = get_settings()
 log = structlog.get_logger("kubesentiment")
 GC_THRESHOLDS = (100_000, 50, 1000)  # CPython's defaults: (2000, 10, 10)
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for it: nobody reads it, the logs and metrics do
+MAX_OFFSET = 2**63 - 1  # the largest integer SQLite and PostgreSQL take: more would be a 500
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # what JobStore.create makes (uuid4().hex)
 T = TypeVar("T")
 # The API keys valid now, shared with the ApiGate middleware; Vault's refresh replaces them.
 API_KEYS = KeyRing()
 read_api = FastAPI(title="KubeSentiment", description="Health, model, metrics and job results.")
 
 
-@read_api.exception_handler(HTTPException)
-async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    """The same {"error": ...} body as every other error of the API."""
-    return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+@read_api.exception_handler(StarletteHTTPException)
+async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """The same {"error": ...} body as every other error of the API, routing's 404 and 405 (with
+    their Allow header) included."""
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 @read_api.exception_handler(RequestValidationError)
@@ -327,13 +332,18 @@ class Sentiment:
             self.key_watch.stop()
         log.info("shut down cleanly")
 
+    def find_job(self, job_id: str) -> Job | None:
+        """The job, or None for an id that is not one of ours (without asking the database:
+        a NUL or a huge id would make PostgreSQL fail instead of answering "no such job")."""
+        return self.jobs.get(job_id) if JOB_ID.fullmatch(job_id) else None
+
     @read_api.get(
         "/batch/status/{job_id}",
         response_model=JobStatus,
         responses={404: {"description": "Unknown job id"}},
     )
     def batch_status(self, job_id: str) -> JobStatus:
-        job = self.jobs.get(job_id)
+        job = self.find_job(job_id)
         if job is None:
             raise HTTPException(404, f"no batch job with id {job_id!r}")
         return job_status(job)
@@ -344,10 +354,13 @@ class Sentiment:
         responses={404: {"description": "Unknown job id"}},
     )
     def batch_results(
-        self, job_id: str, offset: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10_000)
+        self,
+        job_id: str,
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),
+        limit: int = Query(1000, ge=1, le=10_000),
     ) -> JobResults:
         """Scored texts of a job, in input order, a page at a time (partial while running)."""
-        job = self.jobs.get(job_id)
+        job = self.find_job(job_id)
         if job is None:
             raise HTTPException(404, f"no batch job with id {job_id!r}")
         rows = self.jobs.results(job_id, offset, limit)
@@ -372,7 +385,7 @@ class Sentiment:
     )
     def delete_job(self, job_id: str) -> Response:
         """Cancel a queued or running job and delete it with its texts and results."""
-        if not self.jobs.delete(job_id):
+        if not JOB_ID.fullmatch(job_id) or not self.jobs.delete(job_id):
             raise HTTPException(404, f"no batch job with id {job_id!r}")
         log.info("batch job deleted", job_id=job_id)
         return Response(status_code=204)
