@@ -8,7 +8,7 @@ name and the request id; never with the key."""
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -24,30 +24,6 @@ from settings import get_settings
 log = structlog.get_logger("kubesentiment.gate")
 REALM = 'Bearer realm="kubesentiment"'
 ANONYMOUS = "anonymous"
-OPENAPI_PATH = "/docs.json"
-SECURITY_SCHEMES = {
-    "bearerKey": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
-    "headerKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-}
-ERROR_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "error": {"type": "string"},
-        "detail": {
-            "type": "array",
-            "items": {"type": "object"},
-            "description": "Invalid input (400): one entry per broken field, for programs",
-        },
-    },
-    "required": ["error"],
-}
-# BentoML documents every @bentoml.api answer as 200; these operations succeed with another status.
-SUCCESS_STATUS = {("/api/v1/batch/predict", "post"): "202"}
-
-
-def error_response(description: str) -> dict[str, Any]:
-    schema = {"$ref": "#/components/schemas/Error"}
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 def presented_key(headers: dict[bytes, bytes]) -> str | None:
@@ -60,35 +36,51 @@ def presented_key(headers: dict[bytes, bytes]) -> str | None:
     return key or None
 
 
+@dataclass(frozen=True)
+class GatePolicy:
+    """What the gate asks of requests, from the settings (the OpenAPI document says the same)."""
+
+    auth: bool
+    open_paths: frozenset[str]
+    max_bytes: int
+    rate: float
+    burst: int
+
+    @classmethod
+    def from_settings(cls) -> GatePolicy:
+        s = get_settings()
+        return cls(
+            auth=s.api_auth,
+            open_paths=frozenset(s.api_open_paths),
+            max_bytes=s.max_request_bytes,
+            rate=s.rate_limit_per_second,
+            burst=s.rate_limit_burst,
+        )
+
+    def guarded(self, path: str) -> bool:
+        """Whether a request to this path must pass the key and rate checks."""
+        return path.startswith(API_PREFIX) and path.rstrip("/") not in self.open_paths
+
+
 class ApiGate:
     def __init__(self, app: ASGIApp, keys: KeyRing) -> None:
         self.app, self.keys = app, keys
-        settings = get_settings()
-        self.auth = settings.api_auth
-        self.open_paths = frozenset(settings.api_open_paths)
-        self.max_bytes = settings.max_request_bytes
-        rate = settings.rate_limit_per_second
-        self.limiter = RateLimiter(rate, settings.rate_limit_burst) if rate > 0 else None
-
-    def guarded(self, path: str) -> bool:
-        return path.startswith(API_PREFIX) and path.rstrip("/") not in self.open_paths
+        self.policy = policy = GatePolicy.from_settings()
+        self.limiter = RateLimiter(policy.rate, policy.burst) if policy.rate > 0 else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope["path"] == OPENAPI_PATH:
-            await self.app(scope, receive, self.documenting(send))
-            return
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        if declared.isdigit() and int(declared) > self.policy.max_bytes:
             await self.refuse(scope, receive, send, 413, self.too_large())
             return
         extra: dict[str, str] = {}
-        if self.guarded(scope["path"]):
+        if self.policy.guarded(scope["path"]):
             client = ANONYMOUS
-            if self.auth:
+            if self.policy.auth:
                 key = presented_key(headers)
                 name = self.keys.identify(key) if key else None
                 if key is None:
@@ -103,7 +95,7 @@ class ApiGate:
                 client = name
                 structlog.contextvars.bind_contextvars(api_key=name)
             if self.limiter is not None:
-                decision = self.limiter.take(client if self.auth else self.address(scope))
+                decision = self.limiter.take(client if self.policy.auth else self.address(scope))
                 extra = decision.headers()
                 if not decision.allowed:
                     message = f"rate limit exceeded; retry in {decision.retry_after_s} s"
@@ -128,7 +120,7 @@ class ApiGate:
                 return {"type": "http.disconnect"}
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
+            if received > self.policy.max_bytes:
                 too_large = True
                 return {"type": "http.disconnect"}
             return message
@@ -151,73 +143,8 @@ class ApiGate:
         if too_large and not started:
             await self.refuse(scope, receive, send, 413, self.too_large())
 
-    def documenting(self, send: Send) -> Send:
-        """BentoML writes the OpenAPI document and cannot declare security schemes: add them to
-        its answer, with the refusals each guarded operation can get, so that Swagger UI offers
-        to try the API with a key and clients generated from the document know the errors."""
-        head: Message | None = None
-        body = b""
-
-        async def send_documented(message: Message) -> None:
-            nonlocal head, body
-            if message["type"] == "http.response.start":
-                head = message
-                return
-            body += message.get("body", b"")
-            if message.get("more_body") or head is None:
-                return
-            if head["status"] == 200:
-                body = json.dumps(self.document(json.loads(body))).encode()
-            headers = [(k, v) for k, v in head["headers"] if k.lower() != b"content-length"]
-            await send(
-                {**head, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
-            )
-            await send({"type": "http.response.body", "body": body})
-
-        return send_documented
-
-    def document(self, spec: dict[str, Any]) -> dict[str, Any]:
-        components = spec.setdefault("components", {})
-        components.setdefault("schemas", {})["Error"] = ERROR_SCHEMA
-        if self.auth:
-            components["securitySchemes"] = SECURITY_SCHEMES
-        refusals = {"413": "Request body larger than MAX_REQUEST_BYTES"}
-        if self.auth:
-            refusals |= {"401": "No API key", "403": "Unknown API key"}
-        if self.limiter is not None:
-            refusals["429"] = "Rate limit of the key (or address) exceeded; see Retry-After"
-        for path, operations in spec.get("paths", {}).items():
-            if not path.startswith(API_PREFIX):
-                continue
-            for method, operation in operations.items():
-                if not isinstance(operation, dict) or "responses" not in operation:
-                    continue
-                self.document_errors(operation, SUCCESS_STATUS.get((path, method)))
-                if not self.guarded(path):
-                    continue
-                if self.auth:
-                    operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
-                for status, description in refusals.items():
-                    operation["responses"].setdefault(status, error_response(description))
-        return spec
-
-    @staticmethod
-    def document_errors(operation: dict[str, Any], success: str | None) -> None:
-        """What the generated entries get wrong about our answers: every invalid input is 400
-        with {"error", "detail": [...]} (ApiErrors; FastAPI documents 422, BentoML a string
-        detail), a JSON body is required (ApiErrors answers 415 without one) and some
-        operations succeed with another status than BentoML's 200."""
-        responses = operation["responses"]
-        if responses.pop("422", None) is not None or "400" in responses:
-            responses["400"] = error_response("Invalid input; `error` names the field and limit")
-        if "requestBody" in operation:
-            operation["requestBody"]["required"] = True
-            responses["415"] = error_response("Content-Type is not application/json")
-        if success is not None and "200" in responses:
-            responses[success] = responses.pop("200")
-
     def too_large(self) -> str:
-        return f"request body larger than {self.max_bytes} bytes (MAX_REQUEST_BYTES)"
+        return f"request body larger than {self.policy.max_bytes} bytes (MAX_REQUEST_BYTES)"
 
     @staticmethod
     def address(scope: Scope) -> str:

@@ -35,6 +35,7 @@ from api_keys import InvalidKeys, KeyRing, parse_keys
 from job_loop import JobLoop
 from jobs import Job, JobStore, database_url
 from observability import configure_logging, get_metrics, render_metrics
+from openapi_document import OpenApiDocument
 from request_ids import RequestIds
 from runners.engine import load_engine
 from runners.model_store import StoredModel
@@ -447,3 +448,4 @@ class Sentiment:
 Sentiment.add_asgi_middleware(RequestIds)  # type: ignore[attr-defined]
 Sentiment.add_asgi_middleware(ApiErrors)  # type: ignore[attr-defined]
 Sentiment.add_asgi_middleware(ApiGate, keys=API_KEYS)  # type: ignore[attr-defined]
+Sentiment.add_asgi_middleware(OpenApiDocument)  # type: ignore[attr-defined]

@@ -55,6 +55,11 @@ def guarded_key(
         API_KEYS=f"fuzz:{key}",
         RATE_LIMIT_PER_SECOND="100000",
         RATE_LIMIT_BURST="100000",
+        # Smaller limits (the document shows them): generated jobs of up to 100,000 long texts
+        # would keep the model busy in the background and double the run's time.
+        MAX_TEXT_CHARS="2000",
+        MAX_BATCH_TEXTS="32",
+        MAX_JOB_TEXTS="64",
     )
     server.start()
     try:
