@@ -150,7 +150,11 @@ class Settings(BaseSettings):
         description="Vault (or OpenBao) URL. Set: the API keys, and the Kafka and jobs database "
         "secrets where their paths are set, come from Vault; unset: from the environment.",
     )
-    vault_auth_method: Literal["token", "approle", "kubernetes"] = "token"
+    vault_auth_method: Literal["token", "approle", "kubernetes"] = Field(
+        default="token",
+        description="How to log in to Vault: VAULT_TOKEN, an AppRole (VAULT_ROLE_ID, "
+        "VAULT_SECRET_ID) or the pod's service account (VAULT_KUBERNETES_ROLE).",
+    )
     vault_auth_mount: str | None = Field(
         default=None, description="Mount point of the auth method; its name when unset."
     )
