@@ -143,7 +143,8 @@ def load_api_keys(vault: Vault | None) -> SecretWatch | None:
     """Fill API_KEYS from Vault (and the watch that re-reads them, returned) or from API_KEYS.
     Auth off: no keys, and a warning that the API is open."""
     if not settings.api_auth:
-        log.warning("API_AUTH is off: anyone who can reach this port can use the API")
+        ignored = " (API_KEYS is set but not used)" if settings.api_keys else ""
+        log.warning(f"API_AUTH is off: anyone who can reach this port can use the API{ignored}")
         return None
     watch = None
     if vault is not None:
