@@ -96,15 +96,17 @@ class Vault:
 
     def keep_token_alive(self, margin_s: float) -> None:
         """Renew the token when it would expire within `margin_s`; log in again (AppRole,
-        Kubernetes) when it cannot be renewed. A plain token that expires cannot be replaced:
-        the reads then fail, and readiness says so once the secrets are stale."""
+        Kubernetes) when it cannot be renewed, or not for long enough (its max TTL is near).
+        A plain token that expires cannot be replaced: the reads then fail, and readiness says
+        so once the secrets are stale."""
         if self.expires is None or self.expires - time.monotonic() > margin_s:
             return
         if self.renewable:
             try:
                 ttl = self.client.auth.token.renew_self()["auth"]["lease_duration"]
                 self.expires = time.monotonic() + ttl
-                return
+                if ttl > margin_s or self.method == "token":
+                    return
             except (hvac.exceptions.VaultError, requests.RequestException) as err:
                 log.warning("vault token renewal failed", error=_why(err))
         if self.method != "token":

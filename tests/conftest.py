@@ -235,7 +235,9 @@ class OpenBao:
     def put(self, path: str, **fields: str) -> None:
         self.client.secrets.kv.v2.create_or_update_secret(path, secret=fields)
 
-    def approle(self, name: str, readable: str) -> dict[str, Any]:
+    def approle(
+        self, name: str, readable: str, token_ttl: str = "1h", **role: str
+    ) -> dict[str, Any]:
         """A role whose tokens may read `readable` (a KV v2 path, glob allowed) and nothing
         else; the environment for logging in with it."""
         if "approle/" not in self.client.sys.list_auth_methods():
@@ -243,7 +245,7 @@ class OpenBao:
         policy = f'path "secret/data/{readable}" {{ capabilities = ["read"] }}'
         self.client.sys.create_or_update_policy(name, policy)
         self.client.auth.approle.create_or_update_approle(
-            name, token_policies=[name], token_ttl="1h"
+            name, token_policies=[name], token_ttl=token_ttl, **role
         )
         role_id = self.client.auth.approle.read_role_id(name)["data"]["role_id"]
         secret_id = self.client.auth.approle.generate_secret_id(name)["data"]["secret_id"]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -21,7 +22,7 @@ from rate_limits import RateLimiter
 from runners.model_store import StoredModel
 from settings import Settings
 from tests.conftest import CANARY_TEXT, OpenBao, Server
-from vault import Vault, VaultError, with_vault_secrets
+from vault import SecretWatch, Vault, VaultError, with_vault_secrets
 
 KEY_ALPHA = "alpha-key-9f2c41d7e0b35a86"
 KEY_BETA = "beta-key-1c7e5f30a9d24b68"
@@ -386,3 +387,31 @@ def test_the_kafka_worker_stops_with_one_line_when_vault_is_unreachable(tmp_path
         "cannot start: Vault login (token, auth/token) at http://127.0.0.1:9 failed: "
         "Vault unreachable"
     ]
+
+
+def test_a_short_lived_token_is_renewed_and_replaced_by_a_new_login(openbao: OpenBao) -> None:
+    """AppRole tokens that live 3 s, renewable up to 5 s: the watch renews them, logs in again
+    near the end of their life, and never misses a read."""
+    openbao.put("kubesentiment/api-keys", ci=KEY_OLD)
+    env = openbao.approle("short", "kubesentiment/*", token_ttl="3s", token_max_ttl="5s")
+    vault = Vault(
+        Settings(
+            vault_addr=env["VAULT_ADDR"],
+            vault_auth_method="approle",
+            vault_role_id=env["VAULT_ROLE_ID"],
+            vault_secret_id=SecretStr(env["VAULT_SECRET_ID"]),
+            vault_refresh=timedelta(seconds=1),
+        )
+    )
+    ring = KeyRing()
+    watch = SecretWatch(vault, "kubesentiment/api-keys", ring.replace).start()
+    try:
+        first_token = vault.client.token
+        assert ring.identify(KEY_OLD) == "ci"
+        time.sleep(8)  # beyond the first token's max TTL
+        assert vault.client.token != first_token and watch.error is None
+        openbao.put("kubesentiment/api-keys", ci_next=KEY_NEW)
+        eventually(lambda: ring.identify(KEY_NEW) == "ci_next", "read with the new token", 5)
+        assert watch.error is None and watch.stale is None
+    finally:
+        watch.stop()
