@@ -23,6 +23,7 @@ from typing import Literal
 import structlog
 
 from jobs import Chunk, JobStore
+from observability import get_metrics
 from runners.prediction import Prediction
 from runners.scheduler import Overloaded
 
@@ -99,13 +100,17 @@ class JobLoop:
         except Exception as err:  # a job fails alone; the service and other jobs go on
             log.exception("batch job failed", job_id=chunk.job_id)
             await asyncio.to_thread(self.store.fail, chunk.job_id, f"{type(err).__name__}: {err}")
+            get_metrics().jobs.labels("failed").inc()
             return
         finally:
             renewing.cancel()
         saved = await asyncio.to_thread(self.store.save, chunk, predictions)
         if saved is None:
             log.info("batch job deleted while running", job_id=chunk.job_id)
-        elif saved.status == "completed":
+            return
+        get_metrics().job_texts.inc(len(chunk.texts))
+        if saved.status == "completed":
+            get_metrics().jobs.labels("completed").inc()
             log.info("batch job completed", job_id=chunk.job_id, texts=saved.total)
 
     async def keep_leased(self, chunk: Chunk) -> None:

@@ -76,6 +76,23 @@ class Metrics:
             "kubesentiment_dropped_texts",
             "Texts not scored because their client disconnected while they waited",
         )
+        # 1 while this worker process answers /readyz with 200; "livemin": 0 if any live one is
+        # not ready (shutting down, stale API keys). A model that fails to load leaves no process.
+        self.ready = Gauge(
+            "kubesentiment_ready",
+            "1 when the model is loaded and the service accepts work, 0 when not ready",
+            multiprocess_mode="livemin",
+        )
+        self.jobs = Counter(
+            "kubesentiment_jobs",
+            "Async batch jobs, by event: submitted, completed, failed",
+            ["event"],
+        )
+        for event in ("submitted", "completed", "failed"):
+            self.jobs.labels(event)  # every series exists from the start, at 0
+        self.job_texts = Counter(
+            "kubesentiment_job_texts_scored", "Texts of async batch jobs scored and saved"
+        )
 
     def observe_batch(self, rows: int, tokens: int) -> None:
         self.batch_size.observe(rows)

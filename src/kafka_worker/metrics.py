@@ -43,6 +43,9 @@ class WorkerMetrics:
             "Messages behind the high-water mark",
             ["topic", "partition"],
         )
+        self.ready = Gauge(
+            "kubesentiment_worker_ready", "1 when /readyz answers 200, 0 when not (set at scrape)"
+        )
 
     def observe_batch(
         self, consumed: int, produced: int, dead_letters: list[str], seconds: float
@@ -59,6 +62,7 @@ def probe_app(worker: Worker) -> web.Application:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     async def metrics(_: web.Request) -> web.Response:
+        worker.metrics.ready.set(1 if worker.ready else 0)
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def livez(_: web.Request) -> web.Response:

@@ -43,14 +43,18 @@ class IdempotenceUnsupported(Exception):
 
 
 class FinishBatchBeforeRevoke(ConsumerRebalanceListener):
-    """Partitions leave this worker only after the batch in flight is produced and committed."""
+    """Partitions leave this worker only after the batch in flight is produced and committed,
+    and take their lag series with them (another worker reports them now)."""
 
-    def __init__(self, batch_lock: asyncio.Lock) -> None:
-        self.batch_lock = batch_lock
+    def __init__(self, batch_lock: asyncio.Lock, metrics: WorkerMetrics) -> None:
+        self.batch_lock, self.metrics = batch_lock, metrics
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         async with self.batch_lock:
             log.info("partitions revoked", partitions=sorted(str(tp) for tp in revoked))
+        for tp in revoked:
+            with contextlib.suppress(KeyError):  # never reported
+                self.metrics.lag.remove(tp.topic, str(tp.partition))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("partitions assigned", partitions=sorted(str(tp) for tp in assigned))
@@ -131,7 +135,8 @@ class Worker:
             request_timeout_ms=15_000,
             **self.client_options(),
         )
-        consumer.subscribe([s.kafka_input_topic], listener=FinishBatchBeforeRevoke(self.batch_lock))
+        listener = FinishBatchBeforeRevoke(self.batch_lock, self.metrics)
+        consumer.subscribe([s.kafka_input_topic], listener=listener)
         try:
             try:
                 await producer.start()
