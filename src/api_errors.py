@@ -5,6 +5,7 @@ and the broken limit; every error answer is counted by reason."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -54,6 +55,36 @@ def routed(scope: Scope) -> bool:
     return any(route.matches(scope)[0] is Match.FULL for route in routes)
 
 
+def json_rewriter(send: Send, when: Callable[[int], bool], rewrite: Callable[[Any], Any]) -> Send:
+    """A `send` that holds back an answer whose status passes `when` until its whole body is in,
+    then sends it with its JSON body rewritten (and Content-Length to match). A body that is not
+    JSON, or that `rewrite` cannot read, goes out as it came."""
+    held: Message | None = None
+    body = b""
+
+    async def send_rewritten(message: Message) -> None:
+        nonlocal held, body
+        if message["type"] == "http.response.start" and when(message["status"]):
+            held = message  # the head waits for the new Content-Length
+            return
+        if held is None or message["type"] != "http.response.body":
+            await send(message)
+            return
+        body += message.get("body", b"")
+        if message.get("more_body"):
+            return
+        try:
+            new_body = json.dumps(rewrite(json.loads(body))).encode()
+        except (ValueError, AttributeError):
+            new_body = body
+        headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(new_body)).encode()))
+        await send({**held, "headers": headers})
+        await send({"type": "http.response.body", "body": new_body})
+
+    return send_rewritten
+
+
 class ApiErrors:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -74,31 +105,11 @@ class ApiErrors:
                 await response(scope, receive, send)
                 return
 
-        held: Message | None = None
-        body = b""
+        rewritten = json_rewriter(send, lambda status: status == 400, readable)
 
-        async def send_rewritten(message: Message) -> None:
-            nonlocal held, body
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                if status >= 400:
-                    get_metrics().errors.labels(reason(status)).inc()
-                if status == 400:
-                    held = message  # hold the head until the body is rewritten
-                    return
-            elif held is not None and message["type"] == "http.response.body":
-                body += message.get("body", b"")
-                if message.get("more_body"):
-                    return
-                try:
-                    new_body = json.dumps(readable(json.loads(body))).encode()
-                except (ValueError, AttributeError):
-                    new_body = body
-                headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
-                headers.append((b"content-length", str(len(new_body)).encode()))
-                await send({**held, "headers": headers})
-                await send({"type": "http.response.body", "body": new_body})
-                return
-            await send(message)
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                get_metrics().errors.labels(reason(message["status"])).inc()
+            await rewritten(message)
 
-        await self.app(scope, receive, send_rewritten)
+        await self.app(scope, receive, send_counted)

@@ -6,12 +6,11 @@ tests/test_fuzz.py) know every answer the API gives."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api_errors import API_PREFIX
+from api_errors import API_PREFIX, json_rewriter
 from api_gate import GatePolicy
 
 OPENAPI_PATH = "/docs.json"
@@ -47,31 +46,8 @@ class OpenApiDocument:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == OPENAPI_PATH:
-            send = self.documenting(send)
+            send = json_rewriter(send, lambda status: status == 200, self.document)
         await self.app(scope, receive, send)
-
-    def documenting(self, send: Send) -> Send:
-        """BentoML's answer to GET /docs.json, rewritten by `document` on its way out."""
-        head: Message | None = None
-        body = b""
-
-        async def send_documented(message: Message) -> None:
-            nonlocal head, body
-            if message["type"] == "http.response.start":
-                head = message
-                return
-            body += message.get("body", b"")
-            if message.get("more_body") or head is None:
-                return
-            if head["status"] == 200:
-                body = json.dumps(self.document(json.loads(body))).encode()
-            headers = [(k, v) for k, v in head["headers"] if k.lower() != b"content-length"]
-            await send(
-                {**head, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
-            )
-            await send({"type": "http.response.body", "body": body})
-
-        return send_documented
 
     def document(self, spec: dict[str, Any]) -> dict[str, Any]:
         components = spec.setdefault("components", {})
