@@ -162,7 +162,7 @@ def open_secrets() -> tuple[Settings, SecretWatch | None]:
     fresh (not started). A secret that cannot be had ends the process: one line, status 2."""
     try:
         vault = Vault.connect(settings)
-        return with_vault_secrets(settings, vault), load_api_keys(vault)
+        return with_vault_secrets(settings, vault, jobs_database=True), load_api_keys(vault)
     except (VaultError, InvalidKeys) as err:
         log.critical(f"cannot start: {err}")
         raise SystemExit(2) from None

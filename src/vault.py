@@ -127,17 +127,20 @@ class Vault:
         return data
 
 
-def with_vault_secrets(settings: Settings, vault: Vault | None) -> Settings:
-    """The settings with the secrets read once at start-up (Kafka credentials, jobs database)
-    taken from Vault where their paths are set."""
+def with_vault_secrets(
+    settings: Settings, vault: Vault | None, *, kafka: bool = False, jobs_database: bool = False
+) -> Settings:
+    """The settings with the secrets read once at start-up taken from Vault where their paths
+    are set: the Kafka credentials for the worker, the jobs database URL for the service. Each
+    process reads only what it uses, so its Vault role needs no more."""
     if vault is None:
         return settings
     updates: dict[str, Any] = {}
-    if settings.vault_kafka_path:
-        kafka = vault.read(settings.vault_kafka_path, ("username", "password"))
-        updates["kafka_sasl_username"] = kafka["username"]
-        updates["kafka_sasl_password"] = SecretStr(kafka["password"])
-    if settings.vault_jobs_database_path:
+    if kafka and settings.vault_kafka_path:
+        credentials = vault.read(settings.vault_kafka_path, ("username", "password"))
+        updates["kafka_sasl_username"] = credentials["username"]
+        updates["kafka_sasl_password"] = SecretStr(credentials["password"])
+    if jobs_database and settings.vault_jobs_database_path:
         database = vault.read(settings.vault_jobs_database_path, ("url",))
         updates["jobs_database_url"] = SecretStr(database["url"])
     return settings.model_copy(update=updates)

@@ -96,7 +96,9 @@ def test_approle_login_reads_the_kafka_and_database_secrets(openbao: OpenBao) ->
         vault_kafka_path="kubesentiment/kafka",
         vault_jobs_database_path="kubesentiment/jobs-database",
     )
-    resolved = with_vault_secrets(settings, Vault.connect(settings))
+    vault = Vault.connect(settings)
+    assert with_vault_secrets(settings, vault) == settings  # nothing asked for, nothing read
+    resolved = with_vault_secrets(settings, vault, kafka=True, jobs_database=True)
     assert resolved.kafka_sasl_username == "worker"
     assert resolved.kafka_sasl_password is not None
     assert resolved.kafka_sasl_password.get_secret_value() == "kafka-pass-7d1e"

@@ -48,7 +48,7 @@ async def main() -> int:
     configure_logging()
     log = structlog.get_logger("kafka_worker")
     try:  # the Kafka credentials, when VAULT_KAFKA_PATH names them
-        settings = with_vault_secrets(get_settings(), Vault.connect(get_settings()))
+        settings = with_vault_secrets(get_settings(), Vault.connect(get_settings()), kafka=True)
     except VaultError as err:
         log.critical(f"cannot start: {err}")
         return 2
