@@ -33,25 +33,28 @@ def tansu_binary() -> Path:
 
 
 class TansuBroker:
-    """An in-memory broker: topics and offsets are gone when it stops."""
+    """An in-memory broker: topics and offsets are gone when it stops. `advertised_port`: the
+    port its metadata sends clients to, when they reach it through a proxy (a TLS front)."""
 
-    def __init__(self, port: int, log_file: Path | None = None) -> None:
+    def __init__(
+        self, port: int, log_file: Path | None = None, advertised_port: int | None = None
+    ) -> None:
         self.port = port
-        self.bootstrap = f"127.0.0.1:{port}"
+        self.advertised_port = advertised_port or port
+        self.bootstrap = f"127.0.0.1:{self.advertised_port}"
         self.log_file = log_file
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20) -> TansuBroker:
-        url = f"tcp://127.0.0.1:{self.port}"
         out = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [
                 str(tansu_binary()),
                 "broker",
                 "--listener-url",
-                url,
+                f"tcp://127.0.0.1:{self.port}",
                 "--advertised-listener-url",
-                url,
+                f"tcp://127.0.0.1:{self.advertised_port}",
                 "--storage-engine",
                 "memory://tansu/",
             ],

@@ -34,6 +34,7 @@ def _comma_list(value: Any) -> Any:
 
 
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
+PositiveDuration = Annotated[Duration, Field(gt=timedelta(0))]
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(_comma_list)]
 AbsolutePath = Annotated[Path, AfterValidator(lambda path: path.expanduser().absolute())]
 
@@ -98,15 +99,13 @@ class Settings(BaseSettings):
         description="postgresql://user:password@host:5432/db: jobs shared by every replica and "
         "worker (a secret: it holds the password). Unset: the SQLite file JOBS_DB.",
     )
-    job_lease: Duration = Field(
+    job_lease: PositiveDuration = Field(
         default=timedelta(seconds=30),
-        gt=timedelta(0),
         description="How long a worker keeps a claimed chunk of job texts without renewing it; "
         "after that (its worker died) another worker takes the chunk over.",
     )
-    job_retention: Duration = Field(
+    job_retention: PositiveDuration = Field(
         default=timedelta(hours=24),
-        gt=timedelta(0),
         description="How long finished and failed jobs (texts and results) are kept.",
     )
     shutdown_timeout: Duration = Field(
@@ -186,14 +185,12 @@ class Settings(BaseSettings):
     vault_jobs_database_path: str | None = Field(
         default=None, description="KV v2 path with `url`, the JOBS_DATABASE_URL (read at start)."
     )
-    vault_refresh: Duration = Field(
+    vault_refresh: PositiveDuration = Field(
         default=timedelta(seconds=60),
-        gt=timedelta(0),
         description="How often secrets are re-read from Vault (and the token renewed).",
     )
-    vault_max_stale: Duration = Field(
+    vault_max_stale: PositiveDuration = Field(
         default=timedelta(hours=1),
-        gt=timedelta(0),
         description="How long the last secrets read stay in use while Vault cannot be reached; "
         "after that the service reports not ready until a read succeeds.",
     )

@@ -35,9 +35,7 @@ import asyncio
 import contextlib
 import json
 import secrets
-import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -52,7 +50,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError
 
-from devtools.local_kafka import TansuBroker, WorkerProcess, tansu_binary
+from devtools.local_kafka import TansuBroker, WorkerProcess
 from kafka_worker.worker import Worker
 from runners.model_store import StoredModel
 from settings import Settings, get_settings
@@ -300,43 +298,17 @@ class KafkaFront:
                 await writer.drain()
 
 
-class FrontedTansu(TansuBroker):
+@pytest.fixture
+def tansu(small_model: StoredModel) -> Iterator[TansuBroker]:
     """The in-memory broker, advertising the front's address: clients that bootstrap through the
     front are sent back to it by the metadata, so every connection they open goes through TLS."""
-
-    def start(self, timeout: float = 20) -> FrontedTansu:
-        listen, advertise = f"tcp://127.0.0.1:{self.port}", f"tcp://127.0.0.1:{FRONT_PORT}"
-        self.proc = subprocess.Popen(
-            [
-                str(tansu_binary()),
-                "broker",
-                *("--listener-url", listen, "--advertised-listener-url", advertise),
-                *("--storage-engine", "memory://tansu/"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        self.bootstrap = f"127.0.0.1:{FRONT_PORT}"  # what WorkerProcess gives the worker
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"tansu exited with {self.proc.returncode}"
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"tansu did not listen on {self.port} within {timeout} s")
-
-
-@pytest.fixture
-def tansu(small_model: StoredModel) -> Iterator[FrontedTansu]:
-    broker = FrontedTansu(BROKER_PORT).start()
+    broker = TansuBroker(BROKER_PORT, advertised_port=FRONT_PORT).start()
     yield broker
     broker.stop()
 
 
 @pytest.fixture
-def front(tansu: FrontedTansu, pki: Pki) -> Iterator[KafkaFront]:
+def front(tansu: TansuBroker, pki: Pki) -> Iterator[KafkaFront]:
     """The TLS front with the certificate for 127.0.0.1 that the test CA signed."""
     started = KafkaFront(FRONT_PORT, BROKER_PORT, pki.leaf).start()
     yield started
@@ -401,7 +373,7 @@ def check_scored(results: list[dict]) -> None:
         assert result["sentiment"]["label"] in {"POSITIVE", "NEGATIVE"}
 
 
-def test_worker_over_tls_end_to_end(tansu: FrontedTansu, front: KafkaFront, pki: Pki) -> None:
+def test_worker_over_tls_end_to_end(tansu: TansuBroker, front: KafkaFront, pki: Pki) -> None:
     """KAFKA_SECURITY_PROTOCOL=SSL and KAFKA_SSL_CAFILE: the real worker against the real broker,
     every connection over TLS with the certificate that the CA signed."""
     env = worker_env(pki, "SSL")
@@ -455,7 +427,7 @@ def test_a_broker_certificate_from_an_untrusted_ca_is_refused(
 
 
 def test_a_certificate_for_another_host_is_refused(
-    tansu: FrontedTansu, pki: Pki, caplog: pytest.LogCaptureFixture
+    tansu: TansuBroker, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The CA is trusted but the certificate names another host: host name checking is on."""
     elsewhere = KafkaFront(FRONT_PORT, BROKER_PORT, pki.ca.issue_cert("kafka.example.org"))
@@ -468,7 +440,7 @@ def test_a_certificate_for_another_host_is_refused(
 
 
 def test_the_worker_waits_not_ready_behind_an_untrusted_certificate(
-    tansu: FrontedTansu, front: KafkaFront, pki: Pki
+    tansu: TansuBroker, front: KafkaFront, pki: Pki
 ) -> None:
     """The real worker with the wrong CA: it retries with backoff (no crash loop), stays not
     ready, and no Kafka request (SASL credentials included) reaches the broker."""
