@@ -30,7 +30,10 @@ def _parser() -> argparse.ArgumentParser:
         help="model name in the BentoML store (env MODEL_NAME)",
     )
     parser.add_argument(
-        "--limit", type=int, default=None, help="use only the first N movie sentences (smoke runs)"
+        "--limit",
+        type=int,
+        default=None,
+        help="use only about N rated sentences, shared by the domains (smoke runs)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -46,14 +49,20 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--epochs", type=int, help="default: the recipe's")
     build.add_argument("--learning-rate", type=float, help="default: the recipe's")
     build.add_argument("--batch-size", type=int, help="default: the recipe's")
+    build.add_argument("--seed", type=int, help="training seed (the split stays the same)")
     build.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
     build.add_argument("--force", action="store_true", help="build even if the store has it")
 
     imp = sub.add_parser("import", help="export, evaluate and register a model you bring")
     imp.add_argument("source", help="a local Hugging Face folder, or a hub id")
 
-    evaluate = sub.add_parser("evaluate", help="metrics per back end of a stored model")
+    evaluate = sub.add_parser(
+        "evaluate", help="metrics per domain and back end of a stored model, on the test splits"
+    )
     evaluate.add_argument("tag", nargs="?", default=None, help="name:version (default: latest)")
+    evaluate.add_argument(
+        "--json", action="store_true", help="every figure as JSON instead of the table"
+    )
     return parser
 
 
@@ -68,16 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "data":
             splits = data.load_splits(args.data_dir, limit=args.limit)
-            print(
-                json.dumps(
-                    {
-                        "train": len(splits.train),
-                        "validation": len(splits.validation),
-                        "test": len(splits.test),
-                        "fingerprint": splits.fingerprint(),
-                    }
-                )
-            )
+            print(json.dumps(splits.sizes() | {"fingerprint": splits.fingerprint()}))
         elif args.command == "build":
             chosen = {
                 "epochs": args.epochs,
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             if any(value is not None and value <= 0 for value in chosen.values()):
                 raise ValueError("--epochs, --batch-size and --learning-rate must be positive")
             overrides = {k: v for k, v in chosen.items() if v is not None}
+            if args.seed is not None:
+                overrides["seed"] = args.seed
             config = TrainConfig(**overrides, max_steps=args.max_steps)
             stored = pipeline.build(args.name, args.data_dir, config, args.limit, args.force)
             print(stored.tag)
@@ -94,11 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             stored = pipeline.import_model(args.source, args.name, args.data_dir, args.limit)
             print(stored.tag)
         elif args.command == "evaluate":
-            from models.evaluate import evaluate
+            from models.evaluate import evaluate, metrics_table
 
             stored = model_store.get(args.tag or args.name)
             splits = data.load_splits(args.data_dir, limit=args.limit)
-            print(json.dumps(evaluate(stored, splits.test), indent=2))
+            metrics = evaluate(stored, splits.test)
+            print(json.dumps(metrics, indent=2) if args.json else metrics_table(metrics))
     except (pipeline.ModelSourceError, LookupError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -125,7 +125,16 @@ class ModelInfo(BaseModel):
     max_length: int
     source: str | None
     data_hash: str | None
-    metrics: dict[str, Any]
+    accuracy: dict[str, float] = Field(
+        description="Test accuracy per domain of the back end that serves",
+        examples=[{"tweets": 0.93, "amazon": 0.86, "amazon_reviews": 0.9, "nyt": 0.77}],
+    )
+    test_examples: dict[str, int] = Field(description="Size of each domain's test split")
+    normalize_text: bool = Field(description="Whether texts are normalised as in training")
+    window_aggregation: str = Field(description="How a long text's window scores are folded")
+    metrics: dict[str, Any] = Field(
+        description="Per domain, per back end: accuracy, F1, confusion matrix, agreement"
+    )
 
 
 class ErrorBody(BaseModel):

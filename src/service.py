@@ -430,6 +430,7 @@ class Sentiment:
     @read_api.get("/model-info", response_model=ModelInfo)
     def model_info(self) -> ModelInfo:
         meta = self.model.metadata
+        metrics = meta.get("metrics", {})
         return ModelInfo(
             name=self.model.name,
             tag=self.model.tag,
@@ -439,7 +440,15 @@ class Sentiment:
             max_length=meta["max_length"],
             source=meta.get("source"),
             data_hash=meta.get("data_hash"),
-            metrics=meta.get("metrics", {}),
+            accuracy={
+                domain: per_backend[settings.backend]["accuracy"]
+                for domain, per_backend in metrics.items()
+                if settings.backend in per_backend
+            },
+            test_examples=meta.get("examples", {}).get("test", {}),
+            normalize_text=bool(meta.get("normalize_text")),
+            window_aggregation=meta.get("window_aggregation", "probability_mean"),
+            metrics=metrics,
         )
 
     @read_api.get("/metrics", response_class=Response)

@@ -126,7 +126,19 @@ def test_health_model_info_and_metrics(service: Server, small_model: StoredModel
     assert set(health["queue"]) == {"interactive_texts", "bulk_texts", "requests_in_flight"}
     info = httpx.get(service.url + "/api/v1/model-info").json()
     assert info["tag"] == small_model.tag and info["labels"] == ["NEGATIVE", "POSITIVE"]
-    assert info["max_length"] == 128 and set(info["metrics"]) >= {"pytorch", "onnx-int8"}
+    assert info["max_length"] == 128 and info["normalize_text"] is True
+    meta = small_model.metadata
+    assert (
+        set(info["metrics"])
+        == set(info["accuracy"])
+        == set(info["test_examples"])
+        >= {
+            "tweets",
+            "amazon_reviews",
+        }
+    )
+    assert info["accuracy"]["nyt"] == meta["metrics"]["nyt"]["onnx-int8"]["accuracy"]
+    assert info["window_aggregation"] == meta["window_aggregation"]
     post(service, "/api/v1/predict", {"text": "count me"})
     ours = httpx.get(service.url + "/api/v1/metrics")
     assert ours.status_code == 200 and ours.headers["content-type"].startswith("text/plain")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from runners.model_store import StoredModel
+from runners.normalization import normalize_text
 from runners.prediction import Prediction
 from settings import Backend as BackendName
 
@@ -69,6 +70,38 @@ class TorchBackend:
 BatchObserver = Callable[[int, int], None]
 """Called once per inference batch with (rows, tokens), for metrics."""
 
+WindowAggregation = Literal["probability_mean", "logit_mean", "confidence_weighted"]
+"""How a long text's window scores fold into one answer, each window weighted by its tokens:
+the mean of the probabilities; the mean of the log-probabilities (a confident window counts
+more); or the mean of the probabilities weighted again by each window's confidence. The
+pipeline measures all three on whole validation reviews and records the best in the model's
+metadata (README, Model)."""
+WINDOW_AGGREGATIONS: tuple[WindowAggregation, ...] = get_args(WindowAggregation)
+
+
+def fold_windows(
+    window_probs: np.ndarray,
+    owners: Sequence[int],
+    tokens: np.ndarray,
+    texts: int,
+    how: WindowAggregation = "probability_mean",
+) -> np.ndarray:
+    """Class probabilities per text from the probabilities of its windows."""
+    weights = tokens.astype(np.float32)
+    values = window_probs
+    if how == "logit_mean":
+        values = np.log(np.clip(window_probs, 1e-7, 1.0))
+    elif how == "confidence_weighted":
+        classes = window_probs.shape[1]
+        confidence = (window_probs.max(axis=1) - 1 / classes) * classes / (classes - 1)
+        weights = weights * (confidence + 1e-3)
+    totals = np.zeros((texts, window_probs.shape[1]), dtype=np.float32)
+    np.add.at(totals, owners, values * weights[:, None])
+    totals /= np.bincount(owners, weights=weights, minlength=texts)[:, None]
+    if how == "logit_mean":
+        totals = np.exp(totals - totals.max(axis=1, keepdims=True))
+    return totals / totals.sum(axis=1, keepdims=True)
+
 
 class SentimentEngine:
     def __init__(
@@ -80,6 +113,8 @@ class SentimentEngine:
         max_batch_size: int = 64,
         stride: int = 32,
         observe_batch: BatchObserver | None = None,
+        normalize: Callable[[str], str] | None = None,
+        window_aggregation: WindowAggregation = "probability_mean",
     ) -> None:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.no_padding()
@@ -90,11 +125,15 @@ class SentimentEngine:
         self.labels = list(labels)
         self.max_batch_size = max_batch_size
         self.observe_batch = observe_batch
+        self.normalize = normalize
+        self.window_aggregation = window_aggregation
 
     def windows(self, texts: Sequence[str]) -> tuple[list[Encoding], list[int]]:
         """Every window of every text, and for each window the index of its text."""
         windows: list[Encoding] = []
         owners: list[int] = []
+        if self.normalize is not None:
+            texts = [self.normalize(text) for text in texts]
         for i, encoding in enumerate(self.tokenizer.encode_batch(list(texts))):
             for window in (encoding, *encoding.overflowing):
                 windows.append(window)
@@ -126,12 +165,10 @@ class SentimentEngine:
         if not texts:
             return []
         windows, owners = self.windows(texts)
-        window_probs = self.probabilities(windows)
-        # A long text's answer is the token-weighted mean over its windows.
-        weights = np.array([len(w.ids) for w in windows], dtype=np.float32)
-        totals = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        np.add.at(totals, owners, window_probs * weights[:, None])
-        totals /= totals.sum(axis=1, keepdims=True)
+        tokens = np.array([len(w.ids) for w in windows])
+        totals = fold_windows(
+            self.probabilities(windows), owners, tokens, len(texts), self.window_aggregation
+        )
         best = totals.argmax(axis=1)
         return [Prediction(self.labels[int(b)], float(totals[i, b])) for i, b in enumerate(best)]
 
@@ -142,13 +179,16 @@ def load_engine(
     threads: int,
     max_batch_size: int = 64,
     observe_batch: BatchObserver | None = None,
+    onnx_file: Path | None = None,
 ) -> SentimentEngine:
-    """The engine for one stored model and one back end, configured from its metadata."""
+    """The engine for one stored model and one back end, configured from its metadata;
+    `onnx_file` swaps in another graph of the same model (benchmarks of int8 layouts)."""
     scorer: Backend
     if backend == "pytorch":
         scorer = TorchBackend(model.pytorch_dir, threads)
     else:
-        scorer = OnnxBackend(model.onnx_file(quantized=backend == "onnx-int8"), threads)
+        graph = onnx_file or model.onnx_file(quantized=backend == "onnx-int8")
+        scorer = OnnxBackend(graph, threads)
     return SentimentEngine(
         model.tokenizer_file,
         scorer,
@@ -156,4 +196,7 @@ def load_engine(
         max_length=model.metadata["max_length"],
         max_batch_size=max_batch_size,
         observe_batch=observe_batch,
+        # Models we train read normalised text; a model a user brings reads what it was given.
+        normalize=normalize_text if model.metadata.get("normalize_text") else None,
+        window_aggregation=model.metadata.get("window_aggregation", "probability_mean"),
     )
