@@ -55,15 +55,20 @@ def metrics_table(metrics: dict[str, dict[str, dict[str, Any]]]) -> str:
 def positive_probabilities(
     model: StoredModel, backend: Backend, sets: dict[str, list[Example]]
 ) -> dict[str, np.ndarray]:
-    """Per domain, each text's positive-class probability, through the engine that serves."""
+    """Per domain, each text's positive-class probability, through the engine that serves.
+    Each domain is scored on its own: int8 activations are quantised per batch, so a text's
+    int8 score moves a little with its batch neighbours, and a domain's figures should not
+    depend on which other domains are evaluated with it."""
     engine = load_engine(model, backend, threads=2)
-    texts = [e.text for examples in sets.values() for e in examples]
-    scores = []
-    for start in tqdm(range(0, len(texts), 256), desc=f"evaluate {backend}", unit="chunk"):
-        for p in engine.predict(texts[start : start + 256]):
-            scores.append(p.score if p.label == "POSITIVE" else 1 - p.score)
-    bounds = np.cumsum([0, *(len(examples) for examples in sets.values())])
-    return {domain: np.array(scores[bounds[i] : bounds[i + 1]]) for i, domain in enumerate(sets)}
+    scores = {}
+    for domain, examples in sets.items():
+        texts = [e.text for e in examples]
+        positive = []
+        for start in tqdm(range(0, len(texts), 256), desc=f"{backend} {domain}", unit="chunk"):
+            for p in engine.predict(texts[start : start + 256]):
+                positive.append(p.score if p.label == "POSITIVE" else 1 - p.score)
+        scores[domain] = np.array(positive)
+    return scores
 
 
 def accuracies(probabilities: dict[str, np.ndarray], sets: dict[str, list[Example]]) -> dict:

@@ -23,6 +23,7 @@ from models.evaluate import (
     accuracies,
     evaluate,
     int8_shortfalls,
+    metrics_table,
     positive_probabilities,
 )
 from models.export import INT8_FP32_FEED_FORWARD_LAYERS, export_fp32, quantize_int8
@@ -121,6 +122,7 @@ def _finish(
     )
     int8_layout = choose_int8_layout(candidate, splits)
     metrics = evaluate(candidate, splits.test)
+    print(f"test accuracy / macro-F1:\n{metrics_table(metrics)}", file=sys.stderr)
     for domain, per_backend in metrics.items():
         fp32 = per_backend["onnx-fp32"]
         if (

@@ -122,15 +122,18 @@ def validation_accuracy(
     splits: Splits,
     max_length: int,
 ) -> dict[str, float]:
-    """Accuracy per domain and their mean, on which epochs are compared: a pooled figure would
-    let the movie sentences, half of the data, outvote the tweets. Whole reviews are left to
-    the window study: about thirty of them cannot tell epochs apart."""
+    """Accuracy per domain, and over all of them pooled, on which epochs are compared. The mean
+    of the four domains' figures was tried first: it is noisier (the NYT and Amazon splits have
+    400 texts each) and on the first build it kept an epoch that was 1.4 points better on NYT
+    validation and 1.4 worse on the movies. Whole reviews are left to the window study: about
+    thirty of them cannot tell epochs apart."""
+    sets = {d: examples for d, examples in splits.validation.items() if d != WHOLE_REVIEWS}
     per_domain = {
-        domain: accuracy(model, tokenizer, examples, max_length)
-        for domain, examples in splits.validation.items()
-        if domain != WHOLE_REVIEWS
+        d: accuracy(model, tokenizer, examples, max_length) for d, examples in sets.items()
     }
-    return {**per_domain, "mean": float(np.mean(list(per_domain.values())))}
+    sizes = [len(examples) for examples in sets.values()]
+    pooled = float(np.average(list(per_domain.values()), weights=sizes))
+    return {**per_domain, "all": pooled}
 
 
 def train(splits: Splits, output_dir: Path, config: TrainConfig = DEFAULT_CONFIG) -> dict:
@@ -191,7 +194,7 @@ def train(splits: Splits, output_dir: Path, config: TrainConfig = DEFAULT_CONFIG
             step += 1
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
         validation = validation_accuracy(model, tokenizer, splits, config.max_length)
-        val_acc = validation["mean"]
+        val_acc = validation["all"]
         history.append(
             {
                 "epoch": epoch,
