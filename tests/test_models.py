@@ -171,10 +171,14 @@ def test_int8_graph_has_the_layout_the_pipeline_chose(small_model) -> None:
 
 
 def test_int8_rule_names_each_domain_that_loses_too_much() -> None:
-    fp32 = {"tweets": 0.900, "nyt": 0.800, "movies": 0.880}
-    int8 = {"tweets": 0.895, "nyt": 0.790, "movies": 0.890}
-    assert int8_shortfalls(fp32, int8) == {"nyt": 1.0}  # 0.5 points down is still allowed
-    assert int8_shortfalls(fp32, fp32) == {}
+    fp32 = {"tweets": 0.900, "nyt": 0.800, "movies": 0.880, "reviews": 0.95}
+    int8 = {"tweets": 0.895, "nyt": 0.790, "movies": 0.890, "reviews": 0.95 - 1 / 59}
+    sizes = {"tweets": 419, "nyt": 488, "movies": 1056, "reviews": 59}
+    assert int8_shortfalls(fp32, int8, sizes) == {"nyt": 1.0}  # 0.5 points down is allowed
+    assert int8_shortfalls(fp32, fp32, sizes) == {}
+    # One review of 59 is 1.7 points: allowed, two are not.
+    two_reviews = int8 | {"reviews": 0.95 - 2 / 59}
+    assert int8_shortfalls(fp32, two_reviews, sizes) == {"nyt": 1.0, "reviews": 3.39}
 
 
 def test_engine_tokenises_like_transformers(small_model) -> None:
