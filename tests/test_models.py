@@ -176,6 +176,8 @@ def test_int8_rule_names_each_domain_that_loses_too_much() -> None:
     sizes = {"tweets": 419, "nyt": 488, "movies": 1056, "reviews": 59}
     assert int8_shortfalls(fp32, int8, sizes) == {"nyt": 1.0}  # 0.5 points down is allowed
     assert int8_shortfalls(fp32, fp32, sizes) == {}
+    rounded = {d: round(a, 4) for d, a in int8.items()}  # as the metadata stores them
+    assert int8_shortfalls(fp32, rounded, sizes) == {"nyt": 1.0}
     # One review of 59 is 1.7 points: allowed, two are not.
     two_reviews = int8 | {"reviews": 0.95 - 2 / 59}
     assert int8_shortfalls(fp32, two_reviews, sizes) == {"nyt": 1.0, "reviews": 3.39}
@@ -271,6 +273,21 @@ def test_import_rejects_bad_sources_clearly(tmp_path: Path, small_model, data_di
 
     with pytest.raises(ModelSourceError, match="hub"):
         import_model("nobody/no-such-model", "x", data_dir)
+
+
+def test_cli_evaluates_every_domain_and_back_end(small_model) -> None:
+    table = run_cli("--limit", str(SMALL_LIMIT), "evaluate", small_model.tag)
+    assert table.returncode == 0, table.stderr
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| domain | pytorch | onnx-fp32 | onnx-int8 |"
+    assert [row.split(" | ")[0][2:] for row in rows[1:]] == list(DOMAINS)
+    as_json = json.loads(
+        run_cli("--limit", str(SMALL_LIMIT), "evaluate", small_model.tag, "--json").stdout
+    )
+    stored = small_model.metadata["metrics"]
+    assert {d: m["onnx-int8"]["macro_f1"] for d, m in as_json.items()} == {
+        d: m["onnx-int8"]["macro_f1"] for d, m in stored.items()
+    }
 
 
 def test_cli_reports_bad_arguments_without_a_traceback(tmp_path: Path) -> None:
