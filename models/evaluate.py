@@ -74,6 +74,8 @@ def positive_probabilities(
 def accuracies(probabilities: dict[str, np.ndarray], sets: dict[str, list[Example]]) -> dict:
     return {
         domain: float(np.mean((probs >= 0.5) == np.array([e.label for e in sets[domain]])))
+        if len(probs)
+        else 0.0
         for domain, probs in probabilities.items()
     }
 
@@ -114,6 +116,7 @@ def int8_shortfalls(
     return {
         domain: round(100 * (fp32[domain] - int8[domain]), 2)
         for domain in fp32
+        if sizes[domain]  # a smoke run's split can leave a domain empty
         # 1e-4: stored accuracies are rounded to four digits
-        if int8[domain] < fp32[domain] - max(INT8_MAX_ACCURACY_LOSS, 1 / sizes[domain]) - 1e-4
+        and int8[domain] < fp32[domain] - max(INT8_MAX_ACCURACY_LOSS, 1 / sizes[domain]) - 1e-4
     }

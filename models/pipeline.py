@@ -60,6 +60,8 @@ def choose_window_aggregation(
 ) -> tuple[WindowAggregation, dict[str, float]]:
     """The way of folding window scores that scores the validation's whole reviews best (the
     first of WINDOW_AGGREGATIONS on a tie), and what each one scored."""
+    if not reviews:  # a smoke run's split can hold no whole review
+        return WINDOW_AGGREGATIONS[0], {}
     engine = load_engine(candidate, "onnx-fp32", threads=2)
     windows, owners = engine.windows([e.text for e in reviews])
     window_probs = engine.probabilities(windows)

@@ -102,10 +102,11 @@ def test_the_split_layout_answers_as_the_in_process_one(service: Server, tmp_pat
     here = post(service, "/api/v1/predict/batch", {"texts": texts}).json()["results"]
     assert all(r.status_code == 200 for r in singles)
     for local, remote, queued in zip(here, [r.json() for r in singles], paged, strict=True):
-        # int8 activations are quantised per batch: a text's neighbours move its score a little,
-        # enough to flip the label of a text scored within that of 0.5.
-        assert positive(remote) == pytest.approx(positive(local), abs=0.02)
-        assert positive(queued) == pytest.approx(positive(local), abs=0.02)
-        if abs(positive(local) - 0.5) > 0.02:
+        # int8 activations are quantised per batch: a text's neighbours move its score a little
+        # (up to about 0.03 in a fully quantised graph), enough to flip the label of a text
+        # scored within that of 0.5.
+        assert positive(remote) == pytest.approx(positive(local), abs=0.05)
+        assert positive(queued) == pytest.approx(positive(local), abs=0.05)
+        if abs(positive(local) - 0.5) > 0.05:
             labels = {x["sentiment"]["label"] for x in (local, remote, queued)}
             assert len(labels) == 1, (local, remote, queued)
