@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from loadtests.benchmark import HERE, best_rate, png_base64, sample_texts
 from loadtests.layouts import cpu_model
 from models.data import load_splits
+from models.evaluate import accuracies, engine_probabilities
 from models.export import quantize_int8
 from runners.engine import SentimentEngine, load_engine
 from runners.model_store import StoredModel, get
@@ -51,15 +51,6 @@ def batch_of(engine: SentimentEngine, windows: list[Encoding]) -> Callable[[], i
     return lambda: len(engine.probabilities(windows))
 
 
-def accuracy(engine: SentimentEngine, test: dict[str, list[Any]]) -> dict[str, float]:
-    result = {}
-    for domain, examples in test.items():
-        predictions = engine.predict([e.text for e in examples])
-        said = np.array([p.label == "POSITIVE" for p in predictions])
-        result[domain] = round(float(np.mean(said == np.array([e.label for e in examples]))), 4)
-    return result
-
-
 def measure(tag: str, layers: list[int], rounds: int, seconds: float) -> dict[str, Any]:
     model = get(tag)
     threads = os.cpu_count() or 2
@@ -75,7 +66,12 @@ def measure(tag: str, layers: list[int], rounds: int, seconds: float) -> dict[st
         for _ in tqdm(range(rounds), desc="speed rounds", unit="round"):
             for name, engine in engines.items():
                 speed[name] = max(speed[name], best_rate(batch_of(engine, windows), seconds))
-        scores = {name: accuracy(e, test) for name, e in tqdm(engines.items(), desc="accuracy")}
+        scores = {
+            name: {
+                d: round(a, 4) for d, a in accuracies(engine_probabilities(e, test), test).items()
+            }
+            for name, e in engines.items()
+        }
         sizes = {name: file.stat().st_size for name, file in files.items()}
         stored_bytes = model.onnx_file(quantized=True).read_bytes()
         same_as_stored = [
@@ -83,7 +79,6 @@ def measure(tag: str, layers: list[int], rounds: int, seconds: float) -> dict[st
             for name, file in files.items()
             if name.startswith("int8") and file.read_bytes() == stored_bytes
         ]
-        shutil.rmtree(tmp, ignore_errors=True)
     full = speed["int8, all weights"] if "int8, all weights" in speed else max(speed.values())
     rows = [
         {

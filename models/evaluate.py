@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from models.data import Example
-from runners.engine import load_engine
+from runners.engine import SentimentEngine, load_engine
 from runners.model_store import StoredModel
 from settings import Backend
 
@@ -55,16 +55,21 @@ def metrics_table(metrics: dict[str, dict[str, dict[str, Any]]]) -> str:
 def positive_probabilities(
     model: StoredModel, backend: Backend, sets: dict[str, list[Example]]
 ) -> dict[str, np.ndarray]:
-    """Per domain, each text's positive-class probability, through the engine that serves.
-    Each domain is scored on its own: int8 activations are quantised per batch, so a text's
+    """Per domain, each text's positive-class probability, through the engine that serves."""
+    return engine_probabilities(load_engine(model, backend, threads=2), sets, backend)
+
+
+def engine_probabilities(
+    engine: SentimentEngine, sets: dict[str, list[Example]], name: str = "scoring"
+) -> dict[str, np.ndarray]:
+    """Each domain is scored on its own: int8 activations are quantised per batch, so a text's
     int8 score moves a little with its batch neighbours, and a domain's figures should not
     depend on which other domains are evaluated with it."""
-    engine = load_engine(model, backend, threads=2)
     scores = {}
     for domain, examples in sets.items():
         texts = [e.text for e in examples]
         positive = []
-        for start in tqdm(range(0, len(texts), 256), desc=f"{backend} {domain}", unit="chunk"):
+        for start in tqdm(range(0, len(texts), 256), desc=f"{name} {domain}", unit="chunk"):
             for p in engine.predict(texts[start : start + 256]):
                 positive.append(p.score if p.label == "POSITIVE" else 1 - p.score)
         scores[domain] = np.array(positive)
