@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from runners.prediction import Prediction
+from settings import get_settings
 
 if TYPE_CHECKING:
     from runners.scheduler import QueueState
@@ -187,3 +188,14 @@ def configure_logging(level: str = "INFO") -> None:
         library.handlers = []
         library.propagate = True
     logging.getLogger("bentoml").setLevel(level)
+
+
+def per_request_options() -> dict[str, Any]:
+    """BentoML service options for ACCESS_LOG and TRACING. BentoML records a span for every
+    request even when none is sampled or exported (its sampler always records, for the access
+    log's trace ids); excluding every URL from its tracing middleware skips span and all."""
+    settings = get_settings()
+    options: dict[str, Any] = {"logging": {"access": {"enabled": settings.access_log}}}
+    if not settings.tracing:
+        options["tracing"] = {"excluded_urls": [".*"]}
+    return options

@@ -4,8 +4,8 @@ access log, uvicorn's) so that one grep finds a request's whole story."""
 
 from __future__ import annotations
 
+import random
 import re
-import uuid
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -14,6 +14,13 @@ HEADER = b"x-request-id"
 # What a proxy or a client may send; anything else (too long, control characters) is replaced,
 # since it would end up verbatim in log lines.
 ACCEPTED = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def new_request_id() -> bytes:
+    """128 random bits as 32 hex digits, like a uuid4's. An id must be unique, not secret: the
+    process's Mersenne Twister (reseeded in every forked worker) costs no system call, where
+    uuid4's os.urandom took 7% of the event loop's time on the single-text path."""
+    return b"%032x" % random.getrandbits(128)
 
 
 class RequestIds:
@@ -27,7 +34,7 @@ class RequestIds:
             await self.app(scope, receive, send)
             return
         sent = dict(scope["headers"]).get(HEADER, b"")
-        request_id = sent if ACCEPTED.fullmatch(sent) else uuid.uuid4().hex.encode()
+        request_id = sent if ACCEPTED.fullmatch(sent) else new_request_id()
         if request_id != sent:  # handlers downstream read the one the response will carry
             headers = [(k, v) for k, v in scope["headers"] if k != HEADER]
             scope = {**scope, "headers": [*headers, (HEADER, request_id)]}

@@ -34,7 +34,7 @@ from api_gate import ApiGate
 from api_keys import InvalidKeys, KeyRing, parse_keys
 from job_loop import JobLoop
 from jobs import Job, JobStore, database_url
-from observability import configure_logging, get_metrics, render_metrics
+from observability import configure_logging, get_metrics, per_request_options, render_metrics
 from openapi_document import OpenApiDocument
 from request_ids import RequestIds
 from runners.engine import load_engine
@@ -168,7 +168,12 @@ def open_secrets() -> tuple[Settings, SecretWatch | None]:
         raise SystemExit(2) from None
 
 
-@bentoml.service(name="kubesentiment", workers=settings.service_workers, traffic={"timeout": 60})
+@bentoml.service(
+    name="kubesentiment",
+    workers=settings.service_workers,
+    traffic={"timeout": 60},
+    **per_request_options(),
+)
 @bentoml.asgi_app(read_api, path="/api/v1")
 class Sentiment:
     """Sentiment analysis of English text: POSITIVE or NEGATIVE with a probability."""
@@ -299,6 +304,14 @@ class Sentiment:
         if not isinstance(scored, list):  # the error answer
             return scored
         return self.response(text, scored[0])
+
+    if settings.http_cost_probe:
+
+        @bentoml.api(route="/api/v1/predict/no-model")
+        async def predict_no_model(self, text: Text) -> PredictResponse:
+            """/predict without the scheduler and the model (HTTP_COST_PROBE): what the HTTP path
+            costs per request, the other half of the ceiling `make bench` reports."""
+            return self.response(text, Prediction(self.model.metadata["labels"][-1], 1.0))
 
     @bentoml.api(route="/api/v1/predict/batch")
     async def predict_batch(self, texts: BatchTexts, ctx: bentoml.Context) -> BatchPredictResponse:

@@ -79,6 +79,24 @@ class Settings(BaseSettings):
         "(or of a runner service): workers x threads = the pod's cores.",
     )
     max_batch_size: int = Field(default=64, ge=1, description="Largest inference batch.")
+    # Observability per request (README, Performance): BentoML writes an access log line and
+    # records an OpenTelemetry span for every request even when no trace is sampled or exported;
+    # together they were about a third of the CPU of the single-text HTTP path.
+    access_log: bool = Field(
+        default=False,
+        description="BentoML's access log line per request (with its request id and API key "
+        "name). Off: requests are counted and timed in /metrics only.",
+    )
+    tracing: bool = Field(
+        default=False,
+        description="An OpenTelemetry span per request, exported as BentoML's tracing "
+        "configuration says (BENTOML_CONFIG_OPTIONS). Off: no spans are made at all.",
+    )
+    http_cost_probe: bool = Field(
+        default=False,
+        description="Add /api/v1/predict/no-model: the single-text path with everything but the "
+        "model, so that benchmarks can measure the HTTP cost per request (never in production).",
+    )
     max_latency_ms: int = Field(
         default=2000, ge=1, description="Batching deadline of the runner services."
     )

@@ -205,6 +205,9 @@ def test_serving_normalises_text_exactly_as_training_did(small_model) -> None:
     assert {"heart", "eyes", "party", ":", ")", "<", "3", "&"} <= set(tokens)
     assert "ann" not in tokens and "t" not in tokens  # user names and links do not reach it
     assert normalize_text("sooooo 10000 aaah") == "soo 10000 aah"  # digits are not letters
+    # ASCII texts skip demojize; the underscores of every text still become spaces, as in training
+    assert normalize_text("snake_case :) <3") == "snake case :) <3"
+    assert normalize_text("café ☕") == "café  hot beverage "
     raw = load_engine(small_model, "onnx-int8", threads=1)
     raw.normalize = None
     assert [w.ids for w in raw.windows([tweet])[0]] != [w.ids for w in windows]

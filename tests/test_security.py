@@ -215,6 +215,8 @@ def guarded(small_model: StoredModel, tmp_path_factory: pytest.TempPathFactory) 
         RATE_LIMIT_PER_SECOND="2",
         RATE_LIMIT_BURST=str(BURST),
         MAX_REQUEST_BYTES="65536",
+        ACCESS_LOG="true",  # off by default
+        HTTP_COST_PROBE="true",
     )
     yield server.start()
     server.stop()
@@ -342,6 +344,19 @@ def test_request_ids_are_returned_and_on_every_json_log_line(guarded: Server) ->
     second = {line["event"] for line in lines if line.get("request_id") == "sec-req-2"}
     assert "request refused" in second and any("status=401" in e for e in second)
     assert all("request_id" in line for line in lines if line.get("logger") == "bentoml.access")
+
+
+def test_no_model_probe_takes_the_path_of_predict_but_the_model(guarded: Server) -> None:
+    """The benchmarks' HTTP cost: the same gate, validation and answer as /predict."""
+    url = f"{guarded.url}/api/v1/predict/no-model"
+    answer = httpx.post(url, json={"text": "anything"}, headers=bearer(KEY_ALPHA), timeout=10)
+    scored = predict(guarded, bearer(KEY_ALPHA))
+    assert answer.status_code == 200 and answer.json().keys() == scored.json().keys()
+    assert answer.json()["sentiment"]["score"] == 1.0  # a constant: no model was asked
+    assert httpx.post(url, json={"text": "anything"}, timeout=10).status_code == 401
+    empty = httpx.post(url, json={"text": ""}, headers=bearer(KEY_ALPHA), timeout=10)
+    assert empty.status_code == 400
+    time.sleep(1.5)  # alpha's bucket refills (2/s) for the tests after this one
 
 
 def test_canary_text_is_scored_everywhere(guarded: Server) -> None:

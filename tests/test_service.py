@@ -61,6 +61,16 @@ def test_predict_answers_label_score_and_model(service: Server, small_model: Sto
     }
 
 
+def test_by_default_no_access_log_line_and_no_benchmark_probe(service: Server) -> None:
+    """ACCESS_LOG and HTTP_COST_PROBE are off unless asked for (test_security turns them on)."""
+    sent = post(service, "/api/v1/predict", {"text": "quiet"}, headers={"X-Request-ID": "quiet-1"})
+    assert sent.status_code == 200
+    assert post(service, "/api/v1/predict/no-model", {"text": "quiet"}).status_code == 404
+    time.sleep(0.5)  # an access log line would be written after the answer
+    lines = [json.loads(line) for line in service.log.read_text().splitlines() if line.strip()]
+    assert not [line for line in lines if line.get("logger") == "bentoml.access"]
+
+
 def test_sync_batch_keeps_input_order_and_matches_single_calls(service: Server) -> None:
     r = post(service, "/api/v1/predict/batch", {"texts": TEXTS})
     assert r.status_code == 200

@@ -60,3 +60,19 @@ def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VAULT_ADDR", "")
     settings = Settings()
     assert settings.kafka_ssl_cafile is None and settings.vault_addr is None
+
+
+@pytest.mark.parametrize("tracing", [False, True])
+def test_tracing_off_keeps_every_request_out_of_bentomls_tracing_middleware(
+    tracing: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.util.http import ExcludeList
+
+    import observability
+
+    monkeypatch.setattr(observability, "get_settings", lambda: Settings(tracing=tracing))
+    options = observability.per_request_options()
+    excluded = ExcludeList(options.get("tracing", {}).get("excluded_urls", []))
+    for url in ("http://127.0.0.1:3000/api/v1/predict", "http://h/api/v1/batch/status/1"):
+        assert excluded.url_disabled(url) is not tracing
+    assert options["logging"]["access"]["enabled"] is False  # ACCESS_LOG's default

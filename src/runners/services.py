@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import bentoml
 
-from observability import configure_logging, get_metrics
+from observability import configure_logging, get_metrics, per_request_options
 from runners.engine import load_engine
 from runners.model_store import StoredModel
 from runners.prediction import Prediction
@@ -49,14 +49,18 @@ class _Runner:
         return self.engine.predict(texts)
 
 
-@bentoml.service(name="onnx-runner", workers=1, runner_connection=ONE_SESSION)
+@bentoml.service(
+    name="onnx-runner", workers=1, runner_connection=ONE_SESSION, **per_request_options()
+)
 class OnnxRunner(_Runner):
     """ONNX Runtime, int8 unless BACKEND=onnx-fp32."""
 
     backend = "onnx-fp32" if settings.backend == "onnx-fp32" else "onnx-int8"
 
 
-@bentoml.service(name="torch-runner", workers=1, runner_connection=ONE_SESSION)
+@bentoml.service(
+    name="torch-runner", workers=1, runner_connection=ONE_SESSION, **per_request_options()
+)
 class TorchRunner(_Runner):
     """PyTorch fp32: the reference the ONNX back ends are checked against."""
 
