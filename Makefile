@@ -5,11 +5,20 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 HOST ?= 127.0.0.1
 PORT ?= 3000
+# `make loadtest`: peak users, spawn rate (users/s), run time, load shape (none, constant, ramp,
+# spike, wave) and user classes (PredictUser BatchPredictUser BatchJobUser; empty: all three).
+USERS ?= 32
+SPAWN_RATE ?= 8
+DURATION ?= 60s
+SHAPE ?= constant
+USER_CLASSES ?=
+LOCUST_ARGS ?=
+LOCUST_REPORTS := loadtests/reports/locust
 
 export BENTOML_DO_NOT_TRACK := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env dev-env model run test lint format bench int8-bench clean worker kafka-demo kafka-bench
+.PHONY: env dev-env model run test lint format bench int8-bench loadtest clean worker kafka-demo kafka-bench
 
 # What serving and `make model` need; `make run` on a fresh machine installs no more than this.
 $(VENV)/.installed: pyproject.toml
@@ -54,6 +63,12 @@ bench: dev-env model  ## the HTTP benchmark: starts its own server on port 3100 
 
 int8-bench: dev-env model  ## the int8 layouts' speed and accuracy side by side
 	$(PY) -m loadtests.int8_layouts
+
+loadtest: dev-env  ## locust, headless, against the service running on $(HOST):$(PORT) (API_KEY if set)
+	$(VENV)/bin/locust -f loadtests/locustfile.py --headless --host http://$(HOST):$(PORT) \
+		--users $(USERS) --spawn-rate $(SPAWN_RATE) --run-time $(DURATION) --shape $(SHAPE) \
+		--csv $(LOCUST_REPORTS)/$(SHAPE) --html $(LOCUST_REPORTS)/$(SHAPE).html \
+		$(LOCUST_ARGS) $(USER_CLASSES)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
