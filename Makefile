@@ -14,6 +14,7 @@ SHAPE ?= constant
 USER_CLASSES ?=
 LOCUST_ARGS ?=
 LOCUST_REPORTS := loadtests/reports/locust
+BENCH_ARGS ?=
 
 export BENTOML_DO_NOT_TRACK := true
 export TOKENIZERS_PARALLELISM := false
@@ -58,8 +59,8 @@ format: dev-env
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: dev-env model  ## the HTTP benchmark: starts its own server on port 3100 (needs wrk)
-	$(PY) -m loadtests.benchmark
+bench: dev-env model  ## the benchmark suite, peers included (needs wrk); BENCH_ARGS=--quick: < 5 min
+	$(PY) -m loadtests.suite $(BENCH_ARGS)
 
 int8-bench: dev-env model  ## the int8 layouts' speed and accuracy side by side
 	$(PY) -m loadtests.int8_layouts

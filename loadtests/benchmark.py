@@ -138,6 +138,31 @@ def served(port: int, **env: str) -> Iterator[str]:
         stop_tree(proc)
 
 
+def server_cpu_seconds(port: int) -> float:
+    """CPU seconds used so far by the `bentoml serve` listening on `port`, all its processes:
+    divided by the requests served, the CPU a request costs, a figure that other work on a
+    shared machine does not move the way it moves throughput."""
+    listening = {
+        c.pid
+        for c in psutil.net_connections("tcp")
+        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid
+    }
+    roots = set()
+    for pid in listening:
+        process = psutil.Process(pid)
+        # up to `bentoml serve`, whose worker processes answer on the port
+        while (parent := process.parent()) is not None and "bentoml" in " ".join(parent.cmdline()):
+            process = parent
+        roots.add(process)
+    total = 0.0
+    for root in roots:
+        for process in (root, *root.children(recursive=True)):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = process.cpu_times()
+                total += times.user + times.system
+    return total
+
+
 def stop_tree(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the server and its workers (BentoML puts each worker in a session of its own)."""
     children = psutil.Process(proc.pid).children(recursive=True)

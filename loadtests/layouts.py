@@ -3,9 +3,13 @@ layout of the same cores serves /api/v1/predict best.
 
     python -m loadtests.layouts                      # 1x2, 2x1 and split, 10 s per level
     python -m loadtests.layouts --layouts 1x2 2x1 4x1 --seconds 5
+    python -m loadtests.layouts --layouts 2x1 2x1:ACCESS_LOG=true 2x1:TRACING=true --rounds 3
 
 `WxT` is SERVICE_WORKERS=W with INFERENCE_THREADS=T and the model in process; `split` is
 RUNNER_LAYOUT=split: one entry worker, the model (2 threads) in a runner service of its own.
+Settings after a colon are set on top, to measure what one of them costs. Besides throughput
+and latency, each level reports the server's CPU time per request (all its processes), which a
+busy shared machine moves less than it moves throughput.
 Each layout is served in turn by `bentoml serve` and driven
 by wrk with a different short review per request at each concurrency. The layouts alternate
 over `--rounds` so that drift of a shared machine does not favour one; the best round of each
@@ -26,7 +30,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from loadtests.benchmark import HERE, png_base64, run_wrk, sample_texts, served
+from loadtests.benchmark import (
+    HERE,
+    png_base64,
+    run_wrk,
+    sample_texts,
+    served,
+    server_cpu_seconds,
+)
 
 
 def cpu_model() -> str:
@@ -36,10 +47,13 @@ def cpu_model() -> str:
 
 
 def settings_of(layout: str) -> dict[str, str]:
+    """`2x1`, `split`, either with settings on top: `2x1:ACCESS_LOG=true,TRACING=true`."""
+    layout, _, extra = layout.partition(":")
+    more = dict(item.split("=", 1) for item in extra.split(",") if item)
     if layout == "split":
-        return {"RUNNER_LAYOUT": "split", "SERVICE_WORKERS": "1", "INFERENCE_THREADS": "2"}
+        return {"RUNNER_LAYOUT": "split", "SERVICE_WORKERS": "1", "INFERENCE_THREADS": "2", **more}
     workers, threads = layout.split("x")
-    return {"SERVICE_WORKERS": workers, "INFERENCE_THREADS": threads}
+    return {"SERVICE_WORKERS": workers, "INFERENCE_THREADS": threads, **more}
 
 
 def measure(layout: str, concurrency: list[int], seconds: int, port: int) -> list[dict[str, Any]]:
@@ -48,7 +62,9 @@ def measure(layout: str, concurrency: list[int], seconds: int, port: int) -> lis
     with served(port, **settings_of(layout)) as url:
         run_wrk(f"{url}/api/v1/predict", bodies, 8, 2)  # warm every worker up
         for c in concurrency:
+            cpu = server_cpu_seconds(port)
             r = run_wrk(f"{url}/api/v1/predict", bodies, c, seconds)
+            cpu = server_cpu_seconds(port) - cpu
             rows.append(
                 {
                     "layout": layout,
@@ -57,6 +73,7 @@ def measure(layout: str, concurrency: list[int], seconds: int, port: int) -> lis
                     "p50_ms": r["p50_us"] / 1e3,
                     "p99_ms": r["p99_us"] / 1e3,
                     "errors": r["socket_errors"] + r["non_2xx"],
+                    "cpu_ms_per_request": cpu * 1e3 / max(1, r["requests"]),
                 }
             )
     return rows
@@ -72,7 +89,7 @@ def plot(rows: list[dict[str, Any]], layouts: list[str]) -> str:
     for layout in layouts:
         mine = [r for r in rows if r["layout"] == layout]
         conc = [r["concurrency"] for r in mine]
-        label = layout if layout == "split" else f"{layout.replace('x', ' workers x ')} threads"
+        label = layout if "x" not in layout else layout.replace("x", " workers x ", 1)
         left.plot(conc, [r["requests_per_s"] for r in mine], "o-", label=label)
         right.plot(conc, [r["p99_ms"] for r in mine], "o-", label=label)
     left.set(xscale="log", xlabel="concurrent clients", ylabel="requests/s", title="Throughput")
@@ -113,12 +130,12 @@ def main() -> int:
     lines = [
         f"{result['date']}, {result['cpu']}, {result['cpus']} CPUs; best of {args.rounds} "
         f"alternating rounds, {args.seconds} s per level.\n",
-        "| layout | clients | requests/s | p50 ms | p99 ms | errors |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| layout | clients | requests/s | p50 ms | p99 ms | errors | CPU ms per request |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
         f"| {r['layout']} | {r['concurrency']} | {r['requests_per_s']:.0f} | "
-        f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |"
+        f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['cpu_ms_per_request']:.2f} |"
         for r in rows
     ]
     table = "\n".join(lines)
