@@ -1,8 +1,8 @@
 """`make bench`: every figure a user compares serving systems by, measured in one run on one
 machine with one model, in one HTML report (loadtests/reports/index.html) and one JSON file.
 
-    python -m loadtests.suite            # the full run (about 20 minutes on 2 cores)
-    python -m loadtests.suite --quick    # fewer levels and shorter runs (under 5 minutes)
+    python -m loadtests.suite            # the full run (about 13 minutes on 2 cores)
+    python -m loadtests.suite --quick    # fewer levels and shorter runs (about 3 minutes)
     python -m loadtests.suite --only raw service     # some sections
 
 Sections:
@@ -376,6 +376,11 @@ def main() -> int:
         print("wrk is needed: apt-get install -y wrk", file=sys.stderr)
         return 2
     plan = Plan.of(args.quick, tuple(args.only))
+    print(
+        f"{'quick' if args.quick else 'full'} run of {', '.join(plan.sections)}: about "
+        f"{'3' if args.quick else '13'} minutes on 2 cores (measured with every section), plus "
+        "a minute for each peer's virtual environment the first time"
+    )
     model = get(get_settings().model_store_tag)
     started = time.monotonic()
     timings: dict[str, float] = {}

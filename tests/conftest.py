@@ -272,3 +272,9 @@ def openbao() -> Iterator[OpenBao]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """test_log_hygiene reads the logs of the whole run: it goes last."""
     items.sort(key=lambda item: item.module.__name__.endswith("test_log_hygiene"))  # type: ignore[attr-defined]
+
+
+def pytest_sessionfinish() -> None:
+    """The run's BentoML store (the small model, about 200 MB) goes with the run; the logs stay
+    in their folder for a look after a failure."""
+    shutil.rmtree(os.environ["BENTOML_HOME"], ignore_errors=True)
