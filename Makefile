@@ -72,7 +72,7 @@ loadtest: dev-env  ## locust, headless, against the service running on $(HOST):$
 		$(LOCUST_ARGS) $(USER_CLASSES)
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-peers build .pytest_cache .mypy_cache .ruff_cache
 
 worker: model  ## the Kafka worker against $KAFKA_BOOTSTRAP_SERVERS
 	$(PY) -m kafka_worker
