@@ -55,17 +55,29 @@ def sample_texts(n: int, seed: int = 7) -> list[str]:
     return [f"{rng.choice(SUBJECTS)} {rng.choice(VERDICTS)}, honestly." for _ in range(n)]
 
 
-def best_rate(work: Callable[[], int], seconds: float = 3.0) -> float:
+def best_rate(work: Callable[[], int], seconds: float = 3.0, rounds: int = 3) -> float:
     """Items/s of `work` (which returns how many items one call did) after a warm-up call: the
-    best of three timed runs, since a shared machine only ever makes runs slower."""
+    best of `rounds` timed runs of at least one call and `seconds`, since a shared machine only
+    ever makes runs slower."""
     work()
     best = 0.0
-    for _ in range(3):
+    for _ in range(rounds):
         done, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
             done += work()
         best = max(best, done / (time.perf_counter() - started))
     return best
+
+
+def latency_row(result: dict[str, Any]) -> dict[str, Any]:
+    """The figures of one wrk run (`run_wrk`) that every report shows."""
+    return {
+        "requests_per_s": result["requests_per_s"],
+        "p50_ms": result["p50_us"] / 1e3,
+        "p95_ms": result["p95_us"] / 1e3,
+        "p99_ms": result["p99_us"] / 1e3,
+        "errors": result["socket_errors"] + result["non_2xx"],
+    }
 
 
 def raw_throughput(batch_size: int = 32) -> float:
@@ -263,15 +275,7 @@ def main() -> int:
         for c in tqdm(args.concurrency, desc="/api/v1/predict", unit="level"):
             r = run_wrk(f"{url}/api/v1/predict", singles, c, args.seconds)
             rows.append(
-                {
-                    "concurrency": c,
-                    "requests_per_s": r["requests_per_s"],
-                    "p50_ms": r["p50_us"] / 1e3,
-                    "p95_ms": r["p95_us"] / 1e3,
-                    "p99_ms": r["p99_us"] / 1e3,
-                    "errors": r["socket_errors"] + r["non_2xx"],
-                    "ratio_to_raw": r["requests_per_s"] / raw,
-                }
+                {"concurrency": c, **latency_row(r), "ratio_to_raw": r["requests_per_s"] / raw}
             )
         r = run_wrk(f"{url}/api/v1/predict/batch", batches, 4, args.seconds)
         batch32 = {

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from loadtests.benchmark import (
     HERE,
+    latency_row,
     png_base64,
     run_wrk,
     sample_texts,
@@ -69,10 +70,7 @@ def measure(layout: str, concurrency: list[int], seconds: int, port: int) -> lis
                 {
                     "layout": layout,
                     "concurrency": c,
-                    "requests_per_s": r["requests_per_s"],
-                    "p50_ms": r["p50_us"] / 1e3,
-                    "p99_ms": r["p99_us"] / 1e3,
-                    "errors": r["socket_errors"] + r["non_2xx"],
+                    **latency_row(r),
                     "cpu_ms_per_request": cpu * 1e3 / max(1, r["requests"]),
                 }
             )

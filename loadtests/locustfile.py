@@ -34,6 +34,7 @@ import math
 import os
 import random
 import time
+from abc import abstractmethod
 from argparse import Namespace
 from typing import Any, ClassVar
 
@@ -388,9 +389,9 @@ class PeakShape(LoadTestShape):
         length = float(getattr(options, "run_time", None) or DEFAULT_SHAPE_SECONDS)
         return self.users_at(self.get_run_time(), peak, rate, length)
 
+    @abstractmethod
     def users_at(self, t: float, peak: int, rate: float, length: float) -> tuple[int, float] | None:
         """(users, spawn rate) at t seconds into the run; None once it is over."""
-        raise NotImplementedError
 
     @staticmethod
     def low(peak: int) -> int:

@@ -33,7 +33,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +49,7 @@ from tqdm import tqdm
 from loadtests.benchmark import (
     HERE,
     best_rate,
+    latency_row,
     run_wrk,
     sample_texts,
     served,
@@ -112,17 +113,6 @@ def texts_of_tokens(tokenizer: Tokenizer, tokens: int, count: int) -> list[str]:
     return texts
 
 
-def rate(work: Callable[[], int], seconds: float) -> float:
-    """Items/s of `work` after one warm-up call: at least one timed call, then until `seconds`."""
-    work()
-    done, started = 0, time.perf_counter()
-    while True:
-        done += work()
-        elapsed = time.perf_counter() - started
-        if elapsed >= seconds:
-            return done / elapsed
-
-
 def raw_backends(model: StoredModel, plan: Plan) -> list[dict[str, Any]]:
     """Texts/s of each back end in this process on every core, over the grid of the plan."""
     tokenizer = Tokenizer.from_file(str(model.tokenizer_file))
@@ -135,7 +125,7 @@ def raw_backends(model: StoredModel, plan: Plan) -> list[dict[str, Any]]:
         if backend not in engines:
             engines[backend] = load_engine(model, backend, os.cpu_count() or 1, max_batch)
         score = partial(engines[backend].predict, texts[tokens][:batch])
-        per_s = rate(lambda: len(score()), plan.raw_seconds)  # noqa: B023 (called at once)
+        per_s = best_rate(lambda: len(score()), plan.raw_seconds, rounds=1)  # noqa: B023
         rows.append({"backend": backend, "tokens": tokens, "batch": batch, "texts_per_s": per_s})
     return rows
 
@@ -185,11 +175,7 @@ def drive(url: str, path: str, bodies: list[str], clients: int, seconds: int) ->
     calls = after[1] - before[1]
     return {
         "clients": clients,
-        "requests_per_s": r["requests_per_s"],
-        "p50_ms": r["p50_us"] / 1e3,
-        "p95_ms": r["p95_us"] / 1e3,
-        "p99_ms": r["p99_us"] / 1e3,
-        "errors": r["socket_errors"] + r["non_2xx"],
+        **latency_row(r),
         "mean_model_batch": (after[0] - before[0]) / calls if calls else 0.0,
         "cpu_ms_per_request": cpu * 1e3 / max(1, r["requests"]),
     }
@@ -284,16 +270,7 @@ def peers(model: StoredModel, plan: Plan) -> dict[str, list[dict[str, Any]]]:
             run_wrk(f"{url}{peer.predict_path}", bodies, 8, 2)
             for clients in tqdm(plan.peer_clients, desc=name, unit="level"):
                 r = run_wrk(f"{url}{peer.predict_path}", bodies, clients, plan.seconds)
-                rows.append(
-                    {
-                        "clients": clients,
-                        "requests_per_s": r["requests_per_s"],
-                        "p50_ms": r["p50_us"] / 1e3,
-                        "p95_ms": r["p95_us"] / 1e3,
-                        "p99_ms": r["p99_us"] / 1e3,
-                        "errors": r["socket_errors"] + r["non_2xx"],
-                    }
-                )
+                rows.append({"clients": clients, **latency_row(r)})
         result[name] = rows
     return result
 
