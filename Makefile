@@ -19,7 +19,7 @@ BENCH_ARGS ?=
 export BENTOML_DO_NOT_TRACK := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env dev-env model run test lint format bench int8-bench loadtest clean worker kafka-demo kafka-bench
+.PHONY: env dev-env model model-large run test lint format bench int8-bench loadtest clean worker kafka-demo kafka-bench
 
 # What serving and `make model` need; `make run` on a fresh machine installs no more than this.
 $(VENV)/.installed: pyproject.toml
@@ -44,7 +44,12 @@ dev-env: $(VENV)/.dev-installed  ## .venv plus the test, lint and benchmark tool
 model: env  ## train, export, quantise and register the default model (skips if stored)
 	$(PY) -m models build
 
-run: model  ## environment + default model + the API on $(HOST):$(PORT)
+model-large: env  ## the same with all-mpnet-base-v2 as sentiment-large (about an hour on 2 cores)
+	$(PY) -m models --name sentiment-large build --recipe large
+
+# The model MODEL_NAME names (default: sentiment), built if it is one of ours and missing.
+run: env  ## environment + model + the API on $(HOST):$(PORT)
+	$(PY) -m models prepare
 	$(VENV)/bin/bentoml serve service:Sentiment --host $(HOST) --port $(PORT)
 
 test: dev-env  ## the whole test suite

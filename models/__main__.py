@@ -6,11 +6,15 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 from settings import get_settings, use_local_models_only
+
+# The model names our recipes register under; any other name is a model someone imported.
+RECIPE_OF_NAME = {"sentiment": "default", "sentiment-large": "large"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,9 +53,22 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--epochs", type=int, help="default: the recipe's")
     build.add_argument("--learning-rate", type=float, help="default: the recipe's")
     build.add_argument("--batch-size", type=int, help="default: the recipe's")
+    build.add_argument(
+        "--recipe",
+        choices=("default", "large"),
+        default="default",
+        help="default: all-MiniLM-L6-v2 (`make model`); large: all-mpnet-base-v2 "
+        "(`make model-large`, about an hour on 2 cores)",
+    )
     build.add_argument("--seed", type=int, help="training seed (the split stays the same)")
     build.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
     build.add_argument("--force", action="store_true", help="build even if the store has it")
+
+    sub.add_parser(
+        "prepare",
+        help=f"what `make run` runs: build the model MODEL_NAME names if it is ours "
+        f"({', '.join(RECIPE_OF_NAME)}), else check that the store holds it",
+    )
 
     imp = sub.add_parser("import", help="export, evaluate and register a model you bring")
     imp.add_argument("source", help="a local Hugging Face folder, or a hub id")
@@ -71,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "import" or Path(args.source).exists():
         use_local_models_only()  # only `import <hub id>` needs the hub
     from models import data, pipeline
-    from models.train import TrainConfig
+    from models.train import RECIPES
     from runners import model_store
 
     try:
@@ -89,8 +106,23 @@ def main(argv: list[str] | None = None) -> int:
             overrides = {k: v for k, v in chosen.items() if v is not None}
             if args.seed is not None:
                 overrides["seed"] = args.seed
-            config = TrainConfig(**overrides, max_steps=args.max_steps)
+            config = replace(RECIPES[args.recipe], **overrides, max_steps=args.max_steps)
             stored = pipeline.build(args.name, args.data_dir, config, args.limit, args.force)
+            print(stored.tag)
+        elif args.command == "prepare":
+            if args.name in RECIPE_OF_NAME:
+                recipe = RECIPES[RECIPE_OF_NAME[args.name]]
+                stored = pipeline.build(args.name, args.data_dir, recipe, args.limit)
+            else:
+                try:
+                    stored = model_store.get(args.name)
+                except LookupError as err:
+                    raise LookupError(
+                        f"model {args.name!r} is not in the BentoML store and no recipe of "
+                        f"ours makes it: import it (`python -m models --name {args.name} "
+                        f"import FOLDER`) or set MODEL_NAME to one of "
+                        f"{', '.join(RECIPE_OF_NAME)}"
+                    ) from err
             print(stored.tag)
         elif args.command == "import":
             stored = pipeline.import_model(args.source, args.name, args.data_dir, args.limit)

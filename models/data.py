@@ -15,16 +15,13 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-import subprocess
-import sys
 import tarfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import structlog
 
-log = structlog.get_logger(__name__)
+from models.downloads import fetch_verified
 
 SDIST = "vaderSentiment-3.3.2.tar.gz"
 SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
@@ -86,32 +83,8 @@ class Splits:
 
 
 def fetch_sdist(data_dir: Path) -> Path:
-    """Download the vaderSentiment sdist once and verify it byte for byte."""
-    target = data_dir / SDIST
-    if not target.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        log.info("downloading training data", package="vaderSentiment==3.3.2")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                "--dest",
-                str(data_dir),
-                "vaderSentiment==3.3.2",
-            ],
-            check=True,
-        )
-    actual = hashlib.sha256(target.read_bytes()).hexdigest()
-    if actual != SDIST_SHA256:
-        target.unlink()
-        raise RuntimeError(f"{target} has sha256 {actual}, expected {SDIST_SHA256}; deleted it")
-    return target
+    """The vaderSentiment sdist, downloaded once and verified byte for byte."""
+    return fetch_verified("vaderSentiment==3.3.2", SDIST, SDIST_SHA256, data_dir, sdist=True)
 
 
 def _parse_ratings(text: str) -> dict[str, tuple[float, ...]]:

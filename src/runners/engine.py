@@ -117,10 +117,13 @@ class SentimentEngine:
         window_aggregation: WindowAggregation = "probability_mean",
     ) -> None:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        # The tokenizer's own pad token ([PAD] = 0 for BERT, <pad> = 1 for MPNet, whose position
+        # ids skip it); the engine pads batches itself.
+        padding = self.tokenizer.padding
+        self.pad_id = padding["pad_id"] if padding else self.tokenizer.token_to_id("[PAD]") or 0
         self.tokenizer.no_padding()
         # Windows of max_length tokens; consecutive windows share `stride` tokens of context.
         self.tokenizer.enable_truncation(max_length=max_length, stride=stride)
-        self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
         self.backend = backend
         self.labels = list(labels)
         self.max_batch_size = max_batch_size
