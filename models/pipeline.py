@@ -26,7 +26,12 @@ from models.evaluate import (
     metrics_table,
     positive_probabilities,
 )
-from models.export import INT8_FP32_FEED_FORWARD_LAYERS, export_fp32, quantize_int8
+from models.export import (
+    CALIBRATION_TEXTS,
+    INT8_FP32_FEED_FORWARD_LAYERS,
+    export_fp32,
+    quantize_int8,
+)
 from models.train import DEFAULT_CONFIG, TrainConfig, train
 from runners.engine import WINDOW_AGGREGATIONS, WindowAggregation, fold_windows, load_engine
 from runners.model_store import ONNX_DIR, PYTORCH_DIR, StoredModel, find_by_recipe, register
@@ -34,7 +39,7 @@ from runners.model_store import ONNX_DIR, PYTORCH_DIR, StoredModel, find_by_reci
 log = structlog.get_logger(__name__)
 
 # Bump when a change to the pipeline code should make `make model` build a new version.
-PIPELINE_VERSION = 5
+PIPELINE_VERSION = 6
 SERVING_MAX_LENGTH = 128
 # Gates that catch a broken export: a stored ONNX graph must agree with its PyTorch source.
 FP32_MIN_AGREEMENT = 0.999
@@ -75,6 +80,16 @@ def choose_window_aggregation(
     return max(WINDOW_AGGREGATIONS, key=scores.__getitem__), scores
 
 
+def calibration_batches(
+    candidate: StoredModel, examples: list[Example]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Training texts as the served model will read them (normalised where it was trained
+    so, padded as the engine pads): the activations that set int8's smoothing factors."""
+    engine = load_engine(candidate, "onnx-fp32", threads=2)
+    windows, _ = engine.windows([e.text for e in examples])
+    return [(input_ids, attention_mask) for _, input_ids, attention_mask in engine.batches(windows)]
+
+
 def choose_int8_layout(candidate: StoredModel, splits: Splits) -> dict[str, Any]:
     """Quantise with the fastest layout that keeps int8 within INT8_MAX_ACCURACY_LOSS of fp32
     on every domain, first on validation, then on test. The test split only gates: it can send
@@ -85,8 +100,9 @@ def choose_int8_layout(candidate: StoredModel, splits: Splits) -> dict[str, Any]
         for name, sets in (("validation", splits.validation), ("test", splits.test))
     }
     tried = []
+    calibration = calibration_batches(candidate, splits.train[:CALIBRATION_TEXTS])
     for layers in INT8_FP32_FEED_FORWARD_LAYERS:
-        quantize_int8(candidate.onnx_file(quantized=False), layers)
+        quantize_int8(candidate.onnx_file(quantized=False), layers, calibration)
         attempt: dict[str, Any] = {"fp32_feed_forward_layers": layers}
         for name, sets in (("validation", splits.validation), ("test", splits.test)):
             int8 = accuracies(positive_probabilities(candidate, "onnx-int8", sets), sets)

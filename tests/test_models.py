@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -25,8 +26,13 @@ from models import LABELS
 from models.data import DOMAINS, RATING_SCALE, WHOLE_REVIEWS, Example, load_splits, review_of
 from models.encoders import MINILM, encoder_dir, join_split_archive
 from models.evaluate import int8_shortfalls
-from models.export import INT8_FP32_FEED_FORWARD_LAYERS, early_feed_forward_matmuls
-from models.pipeline import ModelSourceError, build, import_model
+from models.export import (
+    CALIBRATION_TEXTS,
+    INT8_FP32_FEED_FORWARD_LAYERS,
+    early_feed_forward_matmuls,
+    smooth_outlier_channels,
+)
+from models.pipeline import ModelSourceError, build, calibration_batches, import_model
 from runners.architecture import (
     MeanPoolingMPNetForSequenceClassification,
     load_classifier,
@@ -112,8 +118,10 @@ def test_build_registers_every_back_end_with_metadata(small_model) -> None:
             )
     assert meta["data_hash"] and meta["recipe"] and meta["command"].startswith("python -m models")
     assert (small_model.pytorch_dir / "model.safetensors").exists()
+    # Every weight MatMul is int8 (a quarter of its fp32 bytes); the embedding tables, half of
+    # the file, stay fp32.
     assert small_model.onnx_file(quantized=True).stat().st_size < (
-        small_model.onnx_file(quantized=False).stat().st_size / 2
+        0.7 * small_model.onnx_file(quantized=False).stat().st_size
     )
     listing = subprocess.run(
         [Path(sys.executable).parent / "bentoml", "models", "list", "-o", "json"],
@@ -175,6 +183,32 @@ def test_int8_graph_has_the_layout_the_pipeline_chose(small_model) -> None:
     assert len(every_feed_forward) == 12
     assert not [name for name in every_feed_forward if name not in kept and name in int8]
     assert sum(op == "MatMulInteger" for op in int8.values()) >= 30
+    int8_graph = onnx.load(small_model.onnx_file(quantized=True)).graph
+    tables = {i.name: i.data_type for i in int8_graph.initializer}
+    gathered = [n.input[0] for n in int8_graph.node if n.op_type == "Gather"]
+    assert gathered  # the embedding tables stay fp32: int8 ones cost labels, bought no speed
+    assert all(tables.get(t) == onnx.TensorProto.FLOAT for t in gathered if t in tables)
+    assert sum(name.endswith("_Smoothing") for name in int8) >= 12  # every layer's LN and GELU
+
+
+def test_smoothing_moves_outlier_channels_without_changing_the_fp32_answer(
+    small_model, data_dir: Path, tmp_path: Path
+) -> None:
+    """The Mul in front of each MatMul and the scaled weight rows cancel out in fp32; they
+    exist for int8's per-tensor scale, so some channel must actually have been divided down."""
+    splits = load_splits(data_dir, limit=SMALL_LIMIT)
+    calibration = calibration_batches(small_model, splits.train[:CALIBRATION_TEXTS])
+    fp32 = small_model.onnx_file(quantized=False)
+    smoothed = smooth_outlier_channels(fp32, tmp_path / "smoothed.onnx", calibration)
+    graph = onnx.load(smoothed).graph
+    factors = [numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith("_smoothing")]
+    assert len(factors) >= 12 and min(float(f.min()) for f in factors) < 0.5
+    assert all(float(f.max()) == 1.0 for f in factors)  # ordinary channels are left alone
+    plain = load_engine(small_model, "onnx-fp32", threads=1)
+    moved = load_engine(small_model, "onnx-fp32", threads=1, onnx_file=smoothed)
+    windows, _ = plain.windows([e.text for e in splits.test["nyt"]])
+    expected = plain.probabilities(windows)
+    np.testing.assert_allclose(moved.probabilities(windows), expected, atol=1e-4)
 
 
 def test_int8_rule_names_each_domain_that_loses_too_much() -> None:

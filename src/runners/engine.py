@@ -8,7 +8,7 @@ so a text gets the same score whichever door it came through.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal, Protocol, get_args
 
@@ -143,11 +143,13 @@ class SentimentEngine:
                 owners.append(i)
         return windows, owners
 
-    def probabilities(self, windows: Sequence[Encoding]) -> np.ndarray:
-        """Class probabilities per window, scored in batches of similar length."""
+    def batches(
+        self, windows: Sequence[Encoding]
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The model's inputs in batches of similar length: for each, the windows' indices,
+        input_ids padded with the tokenizer's pad id, and the attention mask."""
         lengths = np.array([len(w.ids) for w in windows])
         order = np.argsort(lengths, kind="stable")
-        probs = np.empty((len(windows), len(self.labels)), dtype=np.float32)
         for start in range(0, len(order), self.max_batch_size):
             idx = order[start : start + self.max_batch_size]
             width = int(lengths[idx].max())
@@ -157,6 +159,12 @@ class SentimentEngine:
                 ids = windows[i].ids
                 input_ids[row, : len(ids)] = ids
                 attention_mask[row, : len(ids)] = 1
+            yield idx, input_ids, attention_mask
+
+    def probabilities(self, windows: Sequence[Encoding]) -> np.ndarray:
+        """Class probabilities per window, scored in batches of similar length."""
+        probs = np.empty((len(windows), len(self.labels)), dtype=np.float32)
+        for idx, input_ids, attention_mask in self.batches(windows):
             logits = self.backend.logits(input_ids, attention_mask).astype(np.float32)
             shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
             probs[idx] = shifted / shifted.sum(axis=1, keepdims=True)
