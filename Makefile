@@ -44,7 +44,7 @@ dev-env: $(VENV)/.dev-installed  ## .venv plus the test, lint and benchmark tool
 model: env  ## train, export, quantise and register the default model (skips if stored)
 	$(PY) -m models build
 
-model-large: env  ## the same with all-mpnet-base-v2 as sentiment-large (about an hour on 2 cores)
+model-large: env  ## the same with all-mpnet-base-v2 as sentiment-large (about half an hour on 2 cores)
 	$(PY) -m models --name sentiment-large build --recipe large
 
 # The model MODEL_NAME names (default: sentiment), built if it is one of ours and missing.

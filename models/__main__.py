@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=("default", "large"),
         default="default",
         help="default: all-MiniLM-L6-v2 (`make model`); large: all-mpnet-base-v2 "
-        "(`make model-large`, about an hour on 2 cores)",
+        "(`make model-large`, about half an hour on 2 cores)",
     )
     build.add_argument("--seed", type=int, help="training seed (the split stays the same)")
     build.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
