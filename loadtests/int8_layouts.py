@@ -34,7 +34,7 @@ from loadtests.benchmark import HERE, best_rate, png_base64, sample_texts
 from loadtests.layouts import cpu_model
 from models.data import load_splits
 from models.evaluate import accuracies, engine_probabilities
-from models.export import CALIBRATION_TEXTS, quantize_int8
+from models.export import CALIBRATION_TEXTS, quantize_int8, smooth_outlier_channels
 from models.pipeline import calibration_batches
 from runners.engine import SentimentEngine, load_engine
 from runners.model_store import StoredModel, get
@@ -64,12 +64,13 @@ def graphs(model: StoredModel, folder: Path, layers: list[int]) -> dict[str, Pat
         FULLY_QUANTISED: fully_quantised(fp32, folder / "int8-reference.onnx"),
         "stored int8": model.onnx_file(quantized=True),
     }
-    calibration = calibration_batches(
-        model, load_splits(get_settings().data_dir).train[:CALIBRATION_TEXTS]
+    train = load_splits(get_settings().data_dir).train[:CALIBRATION_TEXTS]
+    smoothed = smooth_outlier_channels(
+        fp32, folder / "smoothed.onnx", calibration_batches(model, train)
     )
     for n in tqdm(layers, desc="quantising layouts", unit="layout"):
         name = "int8, smoothed" if n == 0 else f"int8, smoothed, first {n} feed-forward fp32"
-        found[name] = quantize_int8(fp32, n, calibration, folder / f"int8-{n}.onnx")
+        found[name] = quantize_int8(smoothed, n, folder / f"int8-{n}.onnx")
     return found
 
 

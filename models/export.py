@@ -28,7 +28,7 @@ from onnxruntime.transformers.optimizer import optimize_model
 from transformers import AutoConfig
 
 from runners.architecture import load_classifier
-from runners.model_store import FP32_FILE, INT8_FILE
+from runners.model_store import FP32_FILE
 
 OPSET = 17
 # Ops whose outputs carry the outlier channels, when they feed a weight MatMul.
@@ -181,31 +181,22 @@ def smooth_outlier_channels(fp32: Path, out: Path, calibration: Calibration) -> 
     return out
 
 
-def quantize_int8(
-    fp32: Path,
-    fp32_feed_forward_layers: int,
-    calibration: Calibration,
-    int8: Path | None = None,
-) -> Path:
-    """Outlier channels smoothed on the calibration batches (input_ids, attention_mask), then
-    dynamic int8 of the weight MatMuls with per-channel weights (by default next to the fp32
-    file); the first layers' feed-forward MatMuls stay fp32 as asked."""
-    int8 = int8 or fp32.with_name(INT8_FILE)
-    with tempfile.TemporaryDirectory() as tmp:
-        smoothed = smooth_outlier_channels(fp32, Path(tmp) / "smoothed.onnx", calibration)
-        quantize_dynamic(
-            smoothed,
-            int8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=["MatMul"],
-            nodes_to_exclude=early_feed_forward_matmuls(onnx.load(fp32), fp32_feed_forward_layers),
-            extra_options={
-                # Fused attention ops defeat ONNX shape inference; every untyped tensor is float.
-                "DefaultTensorType": onnx.TensorProto.FLOAT,
-                # Only weight matrices: attention's activation x activation products stay fp32.
-                "MatMulConstBOnly": True,
-            },
-        )
+def quantize_int8(smoothed: Path, fp32_feed_forward_layers: int, int8: Path) -> Path:
+    """Dynamic int8 of the weight MatMuls of a smoothed graph (`smooth_outlier_channels`), with
+    per-channel weights; the first layers' feed-forward MatMuls stay fp32 as asked."""
+    quantize_dynamic(
+        smoothed,
+        int8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        op_types_to_quantize=["MatMul"],
+        nodes_to_exclude=early_feed_forward_matmuls(onnx.load(smoothed), fp32_feed_forward_layers),
+        extra_options={
+            # Fused attention ops defeat ONNX shape inference; every untyped tensor is float.
+            "DefaultTensorType": onnx.TensorProto.FLOAT,
+            # Only weight matrices: attention's activation x activation products stay fp32.
+            "MatMulConstBOnly": True,
+        },
+    )
     onnxruntime.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
     return int8

@@ -31,6 +31,7 @@ from models.export import (
     INT8_FP32_FEED_FORWARD_LAYERS,
     export_fp32,
     quantize_int8,
+    smooth_outlier_channels,
 )
 from models.train import DEFAULT_CONFIG, TrainConfig, train
 from runners.engine import WINDOW_AGGREGATIONS, WindowAggregation, fold_windows, load_engine
@@ -101,20 +102,23 @@ def choose_int8_layout(candidate: StoredModel, splits: Splits) -> dict[str, Any]
     }
     tried = []
     calibration = calibration_batches(candidate, splits.train[:CALIBRATION_TEXTS])
-    for layers in INT8_FP32_FEED_FORWARD_LAYERS:
-        quantize_int8(candidate.onnx_file(quantized=False), layers, calibration)
-        attempt: dict[str, Any] = {"fp32_feed_forward_layers": layers}
-        for name, sets in (("validation", splits.validation), ("test", splits.test)):
-            int8 = accuracies(positive_probabilities(candidate, "onnx-int8", sets), sets)
-            sizes = {domain: len(examples) for domain, examples in sets.items()}
-            attempt[f"{name}_shortfalls"] = int8_shortfalls(reference[name], int8, sizes)
-            last_layout = layers == INT8_FP32_FEED_FORWARD_LAYERS[-1]
-            if attempt[f"{name}_shortfalls"] and not last_layout:
-                break  # the last layout is checked on test too: the caller's gate needs it
-        tried.append(attempt)
-        log.info("int8 layout", **attempt)
-        if not any(attempt.get(f"{name}_shortfalls") for name in reference):
-            break
+    with tempfile.TemporaryDirectory() as tmp:  # one smoothed graph for every layout
+        smoothed = Path(tmp) / "smoothed.onnx"
+        smooth_outlier_channels(candidate.onnx_file(quantized=False), smoothed, calibration)
+        for layers in INT8_FP32_FEED_FORWARD_LAYERS:
+            quantize_int8(smoothed, layers, candidate.onnx_file(quantized=True))
+            attempt: dict[str, Any] = {"fp32_feed_forward_layers": layers}
+            for name, sets in (("validation", splits.validation), ("test", splits.test)):
+                int8 = accuracies(positive_probabilities(candidate, "onnx-int8", sets), sets)
+                sizes = {domain: len(examples) for domain, examples in sets.items()}
+                attempt[f"{name}_shortfalls"] = int8_shortfalls(reference[name], int8, sizes)
+                last_layout = layers == INT8_FP32_FEED_FORWARD_LAYERS[-1]
+                if attempt[f"{name}_shortfalls"] and not last_layout:
+                    break  # the last layout is checked on test too: the caller's gate needs it
+            tried.append(attempt)
+            log.info("int8 layout", **attempt)
+            if not any(attempt.get(f"{name}_shortfalls") for name in reference):
+                break
     return {
         "fp32_feed_forward_layers": layers,
         "tried": tried,

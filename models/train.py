@@ -67,8 +67,8 @@ class TrainConfig:
 
 DEFAULT_CONFIG = TrainConfig()
 # `make model-large`: all-mpnet-base-v2 (109 M parameters) reaches every domain's accuracy
-# target where no recipe of the 22 M MiniLM did, at about 8 times the compute per text (README,
-# Model). One epoch: on a GPU, half an epoch already scored within about a point of two.
+# target where no recipe of the 22 M MiniLM did, at about 4 times the serving cost per text
+# (README, Model). One epoch: on a GPU, half an epoch scored within 1-2 points of two epochs.
 LARGE_CONFIG = TrainConfig(encoder=MPNET, epochs=1, learning_rate=4e-5)
 RECIPES = {"default": DEFAULT_CONFIG, "large": LARGE_CONFIG}
 

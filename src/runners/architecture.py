@@ -11,7 +11,7 @@ models people bring with the standard head load the same way.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import (
@@ -30,7 +30,20 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 
 class MeanPoolingClassifier(PreTrainedModel):
-    """A linear layer on the mean of an encoder's token vectors; subclasses say which encoder."""
+    """A linear layer on the mean of an encoder's token vectors; subclasses say which encoder.
+    The encoder sits under the family's own attribute name (`bert`, `mpnet`: its
+    base_model_prefix), so pretrained checkpoints load into it unchanged."""
+
+    encoder_class: ClassVar[type[PreTrainedModel]]
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__(config)
+        assert config.num_labels is not None, "from_pretrained(num_labels=...) or a saved config"
+        encoder = self.encoder_class(config, add_pooling_layer=False)
+        setattr(self, self.base_model_prefix, encoder)
+        self.dropout = torch.nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = torch.nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
 
     def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The sentence vector: the mean of the token vectors, padding left out."""
@@ -45,12 +58,6 @@ class MeanPoolingClassifier(PreTrainedModel):
         pooled = self.pool(input_ids, attention_mask)
         return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))
 
-    def _add_head(self, config: PretrainedConfig) -> None:
-        assert config.num_labels is not None, "from_pretrained(num_labels=...) or a saved config"
-        self.dropout = torch.nn.Dropout(config.hidden_dropout_prob)
-        self.classifier = torch.nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
 
 class MeanPoolingBertConfig(BertConfig):
     model_type = "kubesentiment-mean-pooling-bert"
@@ -60,11 +67,7 @@ class MeanPoolingBertForSequenceClassification(MeanPoolingClassifier, BertPreTra
     """all-MiniLM-L6-v2 and any other BERT encoder (the default model)."""
 
     config_class = MeanPoolingBertConfig
-
-    def __init__(self, config: MeanPoolingBertConfig) -> None:
-        super().__init__(config)
-        self.bert = BertModel(config, add_pooling_layer=False)
-        self._add_head(config)
+    encoder_class = BertModel
 
 
 class MeanPoolingMPNetConfig(MPNetConfig):
@@ -75,11 +78,7 @@ class MeanPoolingMPNetForSequenceClassification(MeanPoolingClassifier, MPNetPreT
     """all-mpnet-base-v2 (`make model-large`)."""
 
     config_class = MeanPoolingMPNetConfig
-
-    def __init__(self, config: MeanPoolingMPNetConfig) -> None:
-        super().__init__(config)
-        self.mpnet = MPNetModel(config, add_pooling_layer=False)
-        self._add_head(config)
+    encoder_class = MPNetModel
 
 
 # Encoder model_type -> our config and classifier for it.
