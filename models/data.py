@@ -173,8 +173,8 @@ def split_domains(
         if domain == "amazon":
             reviews = sorted({review_of(e) for e in examples}, key=int)
             rng.shuffle(reviews)
-            if limit is not None:
-                reviews = reviews[: max(5, len(reviews) * limit // (4 * len(examples)))]
+            if limit is not None:  # ten reviews at least: two for test, one for validation
+                reviews = reviews[: max(10, len(reviews) * limit // (4 * len(examples)))]
             n_test = len(reviews) // 5
             part_of = {r: 0 for r in reviews[:n_test]}
             part_of |= {r: 1 for r in reviews[n_test : n_test + n_test // 2]}

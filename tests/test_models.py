@@ -70,6 +70,16 @@ def test_every_domain_is_split_seeded_and_disjoint(data_dir: Path) -> None:
     assert load_splits(data_dir, seed=99).fingerprint() != first.fingerprint()
 
 
+@pytest.mark.parametrize("limit", [40, 200])
+def test_smoke_limits_keep_every_domain_in_every_split(data_dir: Path, limit: int) -> None:
+    """`--limit` smoke runs evaluate every domain, so none of its splits may come out empty (a
+    limit of 200 once left Amazon without a validation review)."""
+    splits = load_splits(data_dir, limit=limit)
+    for part in (splits.test, splits.validation):
+        assert all(part[domain] for domain in DOMAINS), {d: len(part[d]) for d in DOMAINS}
+    assert len(splits.train) < 4 * limit
+
+
 def test_amazon_is_split_by_review_and_test_reviews_are_rebuilt_whole(data_dir: Path) -> None:
     splits = load_splits(data_dir)
     train_sentences = {e.text for e in splits.train}
