@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "prepare",
         help=f"what `make run` runs: build the model MODEL_NAME names if it is ours "
-        f"({', '.join(RECIPE_OF_NAME)}), else check that the store holds it",
+        f"({', '.join(RECIPE_OF_NAME)}), else check that the store holds it (and only "
+        f"check where MODEL_TAG pins a version)",
     )
 
     imp = sub.add_parser("import", help="export, evaluate and register a model you bring")
@@ -110,7 +111,17 @@ def main(argv: list[str] | None = None) -> int:
             stored = pipeline.build(args.name, args.data_dir, config, args.limit, args.force)
             print(stored.tag)
         elif args.command == "prepare":
-            if args.name in RECIPE_OF_NAME:
+            pinned = get_settings().model_tag
+            if pinned != "latest":  # a pinned version is served as it is, never rebuilt
+                try:
+                    stored = model_store.get(f"{args.name}:{pinned}")
+                except LookupError as err:
+                    raise LookupError(
+                        f"MODEL_TAG pins {args.name}:{pinned}, which is not in the BentoML "
+                        f"store; a pinned version is never rebuilt: import or copy it into "
+                        f"the store, or unset MODEL_TAG to serve the newest {args.name}"
+                    ) from err
+            elif args.name in RECIPE_OF_NAME:
                 recipe = RECIPES[RECIPE_OF_NAME[args.name]]
                 stored = pipeline.build(args.name, args.data_dir, recipe, args.limit)
             else:

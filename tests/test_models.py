@@ -47,10 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli_with({}, *args)
+
+
+def run_cli_with(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "models", *args],
         cwd=ROOT,
-        env=os.environ,
+        env=os.environ | env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -440,3 +444,14 @@ def test_cli_reports_bad_arguments_without_a_traceback(tmp_path: Path) -> None:
     unknown = run_cli("frobnicate")
     assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
     assert "build" in run_cli("--help").stdout
+
+
+def test_prepare_serves_a_pinned_version_as_it_is(small_model) -> None:
+    """With MODEL_TAG set, `make run` must neither build the newest recipe in its place nor
+    start a server that cannot find the pinned model."""
+    name, version = small_model.tag.split(":")
+    pinned = run_cli_with({"MODEL_TAG": version}, "--name", name, "prepare")
+    assert pinned.returncode == 0 and pinned.stdout.strip() == small_model.tag, pinned.stderr
+    missing = run_cli_with({"MODEL_TAG": "nosuchversion"}, "--name", name, "prepare")
+    assert missing.returncode == 2, missing.stdout
+    assert f"{name}:nosuchversion" in missing.stderr and "never rebuilt" in missing.stderr
