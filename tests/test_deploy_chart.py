@@ -22,11 +22,13 @@ import pytest
 import yaml
 
 from devtools.helm_tool import helm_binary
+from settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 CHART = DEPLOY / "helm" / "kubesentiment"
 PRODUCTION = CHART / "values-production.yaml"
+LARGE = CHART / "values-large.yaml"  # the overlay for sentiment-large
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest with schemas.
 K8S_VERSIONS = ("1.25.0", kubernetes_validate.utils.latest_version())
 CRD_SCHEMAS = {
@@ -63,6 +65,7 @@ SCENARIOS: dict[str, list[str]] = {
         "worker.autoscaling.mode=keda",
     ),
     "worker-only": sets("api.enabled=false", "worker.replicas=2"),
+    "large": ["-f", str(LARGE)],
 }
 
 
@@ -113,7 +116,11 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
 
 
-@pytest.mark.parametrize("values", [[], ["-f", str(PRODUCTION)]], ids=["default", "production"])
+@pytest.mark.parametrize(
+    "values",
+    [[], ["-f", str(PRODUCTION)], ["-f", str(PRODUCTION), "-f", str(LARGE)]],
+    ids=["default", "production", "production-large"],
+)
 def test_helm_lint_strict(helm: str, values: list[str]) -> None:
     result = run_helm(helm, "lint", "--strict", str(CHART), *values)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -308,6 +315,34 @@ def test_production_values(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert rule["spec"]["groups"] == source["groups"]  # one source for the rules
     assert len(by_kind(docs, "ServiceMonitor")) == 2
     assert by_kind(docs, "Ingress")
+
+
+def gibibytes(quantity: str) -> float:
+    number, unit = quantity[:-2], quantity[-2:]
+    return float(number) * {"Gi": 1, "Mi": 1 / 1024}[unit]
+
+
+def test_large_model_overlay(helm: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """values-large.yaml serves sentiment-large with room for it: the API pod's two workers held
+    2.0 GiB scoring long texts (README, The larger model), at the default limit of 2 GiB, and
+    each text takes about 4 times as long, so the queue is a quarter. Layered on the production
+    values it adds and drops no object."""
+    layered = [
+        d for d in yaml.safe_load_all(render(helm, "-f", str(PRODUCTION), "-f", str(LARGE))) if d
+    ]
+    for docs in (rendered["large"], layered):
+        (config,) = [d for d in by_kind(docs, "ConfigMap") if "MODEL_NAME" in d.get("data", {})]
+        assert config["data"]["MODEL_NAME"] == "sentiment-large"
+        default_queue = Settings.model_fields["max_queued_texts"].default
+        assert int(config["data"]["MAX_QUEUED_TEXTS"]) <= default_queue // 4
+        api = deployment(docs, "api")["spec"]["template"]["spec"]["containers"][0]
+        assert gibibytes(api["resources"]["limits"]["memory"]) >= 3
+        assert gibibytes(api["resources"]["requests"]["memory"]) >= 2
+    default_api = deployment(rendered["default"], "api")["spec"]["template"]["spec"]
+    assert gibibytes(default_api["containers"][0]["resources"]["limits"]["memory"]) < 3
+    names = sorted((d["kind"], d["metadata"]["name"]) for d in layered)
+    assert names == sorted((d["kind"], d["metadata"]["name"]) for d in rendered["production"])
+    assert by_kind(layered, "ScaledObject") == by_kind(rendered["production"], "ScaledObject")
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
