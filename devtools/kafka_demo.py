@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from devtools.local_kafka import TansuBroker, WorkerProcess, collect, create_topics, produce
-from settings import get_settings
+from kubesentiment.settings import get_settings
 
 SAMPLES: list[tuple[bytes, bytes | None]] = [
     (

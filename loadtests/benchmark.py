@@ -17,7 +17,6 @@ import contextlib
 import io
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -33,26 +32,13 @@ import httpx
 import psutil
 from tqdm import tqdm
 
+from devtools.processes import ProcessTree
+from kubesentiment.settings import get_settings
+from loadtests.texts import sample_texts
 from runners.engine import load_engine
 from runners.model_store import get
-from settings import get_settings
 
 HERE = Path(__file__).parent
-SUBJECTS = ["The movie", "This film", "The acting", "The story", "The soundtrack", "The ending"]
-VERDICTS = [
-    "was wonderful and moving",
-    "was a terrible waste of time",
-    "felt dull and far too long",
-    "is the best thing I have seen this year",
-    "left me bored and annoyed",
-    "was clever, funny and surprisingly warm",
-]
-
-
-def sample_texts(n: int, seed: int = 7) -> list[str]:
-    """Short review sentences of about 14 tokens, like the notes' measurements."""
-    rng = random.Random(seed)
-    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERDICTS)}, honestly." for _ in range(n)]
 
 
 def best_rate(work: Callable[[], int], seconds: float = 3.0, rounds: int = 3) -> float:
@@ -126,28 +112,15 @@ def served(port: int, **env: str) -> Iterator[str]:
     """`bentoml serve` of the service with these settings (environment variables) on top."""
     url = f"http://127.0.0.1:{port}"
     bentoml = Path(sys.executable).parent / "bentoml"
-    proc = subprocess.Popen(
-        [str(bentoml), "serve", "service:Sentiment", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=HERE.parent,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    argv = [str(bentoml), "serve", "service:Sentiment", "--host", "127.0.0.1", "--port", str(port)]
+    tree = ProcessTree(argv, cwd=HERE.parent, env={**os.environ, **env}, die_with_parent=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/api/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise RuntimeError("the service did not become healthy within 120 s")
+        tree.start().wait_until(
+            lambda: httpx.get(f"{url}/api/v1/health", timeout=1).status_code == 200, "healthy", 120
+        )
         yield url
     finally:
-        stop_tree(proc)
+        tree.stop(whole_tree=True)
 
 
 def server_cpu_seconds(port: int) -> float:
@@ -173,16 +146,6 @@ def server_cpu_seconds(port: int) -> float:
                 times = process.cpu_times()
                 total += times.user + times.system
     return total
-
-
-def stop_tree(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server and its workers (BentoML puts each worker in a session of its own)."""
-    children = psutil.Process(proc.pid).children(recursive=True)
-    for process in (proc, *children):
-        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-            process.terminate()
-    proc.wait(timeout=30)
-    psutil.wait_procs(children, timeout=30)
 
 
 def plot(rows: list[dict[str, Any]], raw: float) -> str:

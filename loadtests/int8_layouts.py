@@ -30,15 +30,16 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from tokenizers import Encoding
 from tqdm import tqdm
 
-from loadtests.benchmark import HERE, best_rate, png_base64, sample_texts
+from kubesentiment.settings import get_settings
+from loadtests.benchmark import HERE, best_rate, png_base64
 from loadtests.layouts import cpu_model
+from loadtests.texts import sample_texts
 from models.data import load_splits
 from models.evaluate import accuracies, engine_probabilities
 from models.export import CALIBRATION_TEXTS, quantize_int8, smooth_outlier_channels
 from models.pipeline import calibration_batches
 from runners.engine import SentimentEngine, load_engine
 from runners.model_store import StoredModel, get
-from settings import get_settings
 
 FULLY_QUANTISED = "int8, every op, not smoothed"
 

@@ -32,10 +32,11 @@ from devtools.local_kafka import (
     produce,
     sources,
 )
-from loadtests.benchmark import HERE, best_rate, png_base64, sample_texts
+from kubesentiment.settings import get_settings
+from loadtests.benchmark import HERE, best_rate, png_base64
+from loadtests.texts import sample_texts
 from runners.engine import load_engine
 from runners.model_store import get
-from settings import get_settings
 
 TOPICS = get_settings().kafka_topics
 PRODUCED = "kubesentiment_worker_produced_total"

@@ -35,10 +35,10 @@ from loadtests.benchmark import (
     latency_row,
     png_base64,
     run_wrk,
-    sample_texts,
     served,
     server_cpu_seconds,
 )
+from loadtests.texts import sample_texts
 
 
 def cpu_model() -> str:

@@ -10,7 +10,7 @@ order, a job that failed or never finished) is a failed request in locust's stat
     make run                                   # the service, in another terminal
     make loadtest                              # headless; CSV and HTML in loadtests/reports/locust/
     make loadtest SHAPE=spike USERS=64 DURATION=2m USER_CLASSES=PredictUser
-    .venv/bin/locust -f loadtests/locustfile.py --host http://127.0.0.1:3000   # web UI on :8089
+    .venv/bin/python -m locust -f loadtests/locustfile.py -H http://127.0.0.1:3000  # web UI :8089
 
 User classes (the mix; default: all three, weighted 4:1:1): `PredictUser` (POST /api/v1/predict,
 one text), `BatchPredictUser` (POST /api/v1/predict/batch, 16-32 texts) and `BatchJobUser`
@@ -22,7 +22,8 @@ the service scores in windows; batches and jobs send one-sentence reviews.
 Load shapes (`--shape`, or LOCUST_SHAPE): `none` (locust's own -u/-r/-t), `constant`, `ramp`,
 `spike`, `wave`. Each shape reads -u as its peak users, -r as its spawn rate and -t as its
 length (60 s without -t), then ends the run. Locust 2.x selects shape classes by name only in the
-web UI (`--class-picker`), hence the option. Texts are made up here; no data set is needed.
+web UI (`--class-picker`), hence the option. The texts are loadtests/texts.py's; run locust
+with `python -m locust` from the root of the checkout, which puts the root on sys.path.
 
 With API_AUTH on, put a key in the API_KEY environment variable: it is sent as
 `Authorization: Bearer <key>` (and never written into locust's options, reports or UI).
@@ -44,6 +45,8 @@ from locust.argument_parser import LocustArgumentParser
 from locust.contrib.fasthttp import ResponseContextManager
 from locust.env import Environment
 
+from loadtests.texts import long_text, short_text
+
 DEFAULT_HOST = "http://127.0.0.1:3000"  # `make run`
 PREDICT = "/api/v1/predict"
 PREDICT_BATCH = "/api/v1/predict/batch"
@@ -57,42 +60,6 @@ JOB_STATUSES = {"queued", "running", "completed", "failed"}  # schemas.JobStatus
 BATCH_TEXTS = (16, 32)  # texts per sync batch, lowest and highest
 POLL_SECONDS = 0.5  # between two status requests of a batch job
 DEFAULT_SHAPE_SECONDS = 60.0  # a shape's length when -t is not given
-
-# Short review sentences of about 14 tokens, like loadtests/benchmark.py's sample_texts; a long
-# text is 30-50 of them (300-600 words), which the service scores in 4-8 windows of 128 tokens.
-SUBJECTS = (
-    "The movie",
-    "This film",
-    "The acting",
-    "The story",
-    "The soundtrack",
-    "The ending",
-    "The cast",
-    "The sequel",
-    "The script",
-    "The camera work",
-)
-VERDICTS = (
-    "was wonderful and moving",
-    "was a terrible waste of time",
-    "felt dull and far too long",
-    "is the best thing I have seen this year",
-    "left me bored and annoyed",
-    "was clever, funny and surprisingly warm",
-    "never quite came together",
-    "kept me on the edge of my seat",
-    "was lazy, loud and forgettable",
-    "made the whole evening worth it",
-)
-ENDINGS = ("honestly", "if you ask me", "from start to finish", "in the end", "for the most part")
-
-
-def short_text(rng: random.Random) -> str:
-    return f"{rng.choice(SUBJECTS)} {rng.choice(VERDICTS)}, {rng.choice(ENDINGS)}."
-
-
-def long_text(rng: random.Random) -> str:
-    return " ".join(short_text(rng) for _ in range(rng.randint(30, 50)))
 
 
 @events.init_command_line_parser.add_listener

@@ -46,22 +46,22 @@ import httpx
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from kubesentiment.settings import BackendName, get_settings
 from loadtests.benchmark import (
     HERE,
     best_rate,
     latency_row,
     run_wrk,
-    sample_texts,
     served,
     server_cpu_seconds,
 )
 from loadtests.cost import costs
 from loadtests.layouts import cpu_model
+from loadtests.texts import sample_texts
 from runners.engine import load_engine
 from runners.model_store import StoredModel, get
-from settings import Backend, get_settings
 
-BACKENDS: tuple[Backend, ...] = ("pytorch", "onnx-fp32", "onnx-int8")
+BACKENDS: tuple[BackendName, ...] = ("pytorch", "onnx-fp32", "onnx-int8")
 TOKEN_LENGTHS = (16, 64, 256, 1000)
 SERVICE_PORT, PEER_PORT, KAFKA_PORT = 3100, 3101, 19410
 
@@ -130,7 +130,7 @@ def raw_backends(model: StoredModel, plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
-def _model_rate_in_process(args: tuple[str, Backend, int, int, float, float]) -> float:
+def _model_rate_in_process(args: tuple[str, BackendName, int, int, float, float]) -> float:
     """Texts/s of one engine in a process of its own, timed from `start` (a shared wall-clock
     moment, so that the processes measure together, each on its core)."""
     tag, backend, threads, batch, start, seconds = args

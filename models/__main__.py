@@ -11,7 +11,7 @@ from pathlib import Path
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
-from settings import get_settings, use_local_models_only
+from kubesentiment.settings import get_settings, use_local_models_only
 
 # The model names our recipes register under; any other name is a model someone imported.
 RECIPE_OF_NAME = {"sentiment": "default", "sentiment-large": "large"}

@@ -8,12 +8,12 @@ from typing import Any, get_args
 import numpy as np
 from tqdm import tqdm
 
+from kubesentiment.settings import BackendName
 from models.data import Example
 from runners.engine import SentimentEngine, load_engine
 from runners.model_store import StoredModel
-from settings import Backend
 
-BACKENDS: tuple[Backend, ...] = get_args(Backend)[::-1]  # pytorch first: the reference
+BACKENDS: tuple[BackendName, ...] = get_args(BackendName)[::-1]  # pytorch first: the reference
 
 
 def _f1(truth: np.ndarray, predicted: np.ndarray, label: int) -> float:
@@ -53,7 +53,7 @@ def metrics_table(metrics: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 
 def positive_probabilities(
-    model: StoredModel, backend: Backend, sets: dict[str, list[Example]]
+    model: StoredModel, backend: BackendName, sets: dict[str, list[Example]]
 ) -> dict[str, np.ndarray]:
     """Per domain, each text's positive-class probability, through the engine that serves."""
     return engine_probabilities(load_engine(model, backend, threads=2), sets, backend)
@@ -86,7 +86,7 @@ def accuracies(probabilities: dict[str, np.ndarray], sets: dict[str, list[Exampl
 
 
 def evaluate(
-    model: StoredModel, sets: dict[str, list[Example]], backends: tuple[Backend, ...] = BACKENDS
+    model: StoredModel, sets: dict[str, list[Example]], backends: tuple[BackendName, ...] = BACKENDS
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Metrics per domain and back end; ONNX back ends also report agreement with PyTorch."""
     report: dict[str, dict[str, dict[str, Any]]] = {domain: {} for domain in sets}

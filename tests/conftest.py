@@ -3,14 +3,12 @@ the real pipeline (a few hundred sentences, seconds), so tests never touch your 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,15 +22,14 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["KUBESENTIMENT_LOG_DIR"] = tempfile.mkdtemp(prefix="kubesentiment-test-logs-")
 import httpx
 import hvac
-import psutil
 import psycopg
 import pytest
-import requests
 
+from devtools.processes import ProcessTree
+from kubesentiment.settings import get_settings
 from models.pipeline import build
 from models.train import TrainConfig
 from runners.model_store import StoredModel
-from settings import get_settings
 
 LOG_DIR = Path(os.environ["KUBESENTIMENT_LOG_DIR"])
 # Sent through the API and Kafka by some tests; must never appear in a log (test_log_hygiene).
@@ -82,67 +79,32 @@ class Server:
         # One worker process unless a test asks for more: several tests read one scheduler's
         # queue or count one warm-up text per server (test_scale_out runs two workers).
         self.env = {**os.environ, "BENTOML_HOME": str(self.home), "SERVICE_WORKERS": "1", **env}
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.tree: ProcessTree | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.tree.proc if self.tree else None
 
     def start(self, ready_path: str = "/readyz") -> Server:
         _, log_file = tempfile.mkstemp(prefix=f"serve-{self.port}-", suffix=".log", dir=LOG_DIR)
         self.log = Path(log_file)
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    str(self.bentoml),
-                    "serve",
-                    self.target,
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    *self.args,
-                ],
-                cwd=self.cwd,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
-            try:
-                ready = httpx.get(self.url + ready_path, timeout=1, verify=self.verify)
-                if ready.status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server not ready in 120 s: {self.log.read_text()[-3000:]}")
+        argv = [str(self.bentoml), "serve", self.target, "--host", "127.0.0.1"]
+        self.tree = ProcessTree(
+            [*argv, "--port", str(self.port), *self.args], cwd=self.cwd, env=self.env, log=self.log
+        ).start()
+        url = self.url + ready_path
+        self.tree.wait_until(
+            lambda: httpx.get(url, timeout=1, verify=self.verify).status_code == 200, "ready", 120
+        )
+        return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Signal the server and every process under it. BentoML starts each worker in a session
-        of its own, so a signal to the server's process group alone never reaches them: after a
-        SIGKILL they lived on, kept serving the port and kept running the jobs loop."""
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                workers = psutil.Process(self.proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:  # it exited between poll() and here
-                workers = []
-            self._signal([self.proc.pid, *(w.pid for w in workers)], sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._signal([self.proc.pid], signal.SIGKILL)
-                self.proc.wait()
-            _, alive = psutil.wait_procs(workers, timeout=30)
-            self._signal([w.pid for w in alive], signal.SIGKILL)
-        self.proc = None
-
-    @staticmethod
-    def _signal(pids: list[int], sig: int) -> None:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):  # already gone
-                os.kill(pid, sig)
+        """Signal the server and every process under it: BentoML starts each worker in a
+        session of its own, and after a SIGKILL to the server alone they lived on, kept serving
+        the port and kept running the jobs loop."""
+        if self.tree is not None:
+            self.tree.stop(sig, whole_tree=True)
+        self.tree = None
 
 
 @pytest.fixture(scope="session")
@@ -209,28 +171,17 @@ class OpenBao:
         self.url = f"http://127.0.0.1:{port}"
         # Not in LOG_DIR: a dev server prints its root token, and LOG_DIR holds our logs only.
         _, log_file = tempfile.mkstemp(prefix=f"kubesentiment-openbao-{port}-", suffix=".log")
-        with open(log_file, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    str(binary),
-                    "server",
-                    "-dev",
-                    f"-dev-root-token-id={self.ROOT_TOKEN}",
-                    f"-dev-listen-address=127.0.0.1:{port}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        dev = ["-dev", f"-dev-root-token-id={self.ROOT_TOKEN}"]
+        self.tree = ProcessTree(
+            [str(binary), "server", *dev, f"-dev-listen-address=127.0.0.1:{port}"],
+            log=Path(log_file),
+        ).start()
         self.client = hvac.Client(self.url, token=self.ROOT_TOKEN)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if self.client.sys.is_initialized() and not self.client.sys.is_sealed():
-                    break
-            except requests.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.2)
+        self.tree.wait_until(
+            lambda: self.client.sys.is_initialized() and not self.client.sys.is_sealed(),
+            "unsealed",
+            30,
+        )
 
     def put(self, path: str, **fields: str) -> None:
         self.client.secrets.kv.v2.create_or_update_secret(path, secret=fields)
@@ -257,8 +208,7 @@ class OpenBao:
         }
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        self.tree.stop()
 
 
 @pytest.fixture
@@ -269,8 +219,19 @@ def openbao() -> Iterator[OpenBao]:
     server.stop()
 
 
+# Every server, broker, worker, venv and Bento of the suite needs one of these (a served model,
+# the database cluster or the Vault server): a test that uses none starts nothing.
+STARTS_SOMETHING = {"small_model", "postgres", "openbao"}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """test_log_hygiene reads the logs of the whole run: it goes last."""
+    """Tests that start something are marked `integration` (`make test-fast` leaves them out);
+    test_log_hygiene reads the logs of the whole run: it goes last."""
+    for item in items:
+        params = getattr(item, "callspec", None)
+        on_postgres = params is not None and "postgresql" in params.params.values()
+        if on_postgres or STARTS_SOMETHING & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
     items.sort(key=lambda item: item.module.__name__.endswith("test_log_hygiene"))  # type: ignore[attr-defined]
 
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from devtools.helm_tool import helm_binary
-from settings import Settings
+from kubesentiment.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -22,8 +22,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.local_kafka import TansuBroker, WorkerProcess, create_topics, produce
+from kubesentiment.settings import get_settings
 from runners.model_store import StoredModel
-from settings import get_settings
 from tests.conftest import ROOT, Server
 
 RULES = ROOT / "deploy/helm/kubesentiment/files/prometheus-rules.yaml"

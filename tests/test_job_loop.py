@@ -7,8 +7,8 @@ import asyncio
 from datetime import timedelta
 from pathlib import Path
 
-from job_loop import JobLoop
-from jobs import JobStore, database_url
+from kubesentiment.jobs.loop import JobLoop
+from kubesentiment.jobs.store import JobStore, database_url
 from runners.prediction import Prediction
 from runners.scheduler import Overloaded
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from jobs import Chunk, Job, JobStore, database_url, texts
+from kubesentiment.jobs.store import Chunk, Job, JobStore, database_url, texts
 from runners.prediction import Prediction
 from tests.conftest import fresh_database
 

@@ -22,8 +22,8 @@ from devtools.local_kafka import (
     produce,
     sources,
 )
+from kubesentiment.settings import get_settings
 from runners.model_store import StoredModel
-from settings import get_settings
 from tests.conftest import CANARY_TEXT
 
 TOPICS = get_settings().kafka_topics

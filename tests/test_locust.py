@@ -70,7 +70,7 @@ def locust(
         *("--host", server.url, "--csv", str(prefix), "--html", f"{prefix}.html"),
         *("--only-summary", "--loglevel", "WARNING", *args),
     ]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -149,6 +149,7 @@ def probe(code: str) -> object:
     """What `code` prints (JSON), run with the locustfile loaded as `module`."""
     run = subprocess.run(
         [sys.executable, "-c", code, str(LOCUSTFILE)],
+        cwd=ROOT,  # the locustfile imports loadtests.texts
         capture_output=True,
         text=True,
         timeout=60,

@@ -10,6 +10,7 @@ from tests.conftest import CANARY_TEXT, LOG_DIR, OpenBao
 from tests.test_security import CANARY_REQUEST_IDS, TEST_KEYS
 
 SECRETS = (*TEST_KEYS, OpenBao.ROOT_TOKEN)
+pytestmark = pytest.mark.integration  # it reads what the servers of the whole run logged
 
 
 def test_no_secret_and_no_scored_text_in_the_logs_of_the_run() -> None:

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from openapi_spec_validator import validate
 from pydantic import SecretStr
 
-from api_keys import InvalidKeys, KeyRing, parse_keys
-from rate_limits import RateLimiter
+from kubesentiment.api.keys import InvalidKeys, KeyRing, parse_keys
+from kubesentiment.api.rate_limits import RateLimiter
+from kubesentiment.settings import Settings
+from kubesentiment.vault import SecretWatch, Vault, VaultError, with_vault_secrets
 from runners.model_store import StoredModel
-from settings import Settings
 from tests.conftest import CANARY_TEXT, OpenBao, Server
-from vault import SecretWatch, Vault, VaultError, with_vault_secrets
 
 KEY_ALPHA = "alpha-key-9f2c41d7e0b35a86"
 KEY_BETA = "beta-key-1c7e5f30a9d24b68"
@@ -274,6 +275,7 @@ def test_the_openapi_document_declares_the_key_schemes(guarded: Server) -> None:
     assert predict_op["security"] == [{"bearerKey": []}, {"headerKey": []}]
     assert {"401", "403", "413", "429"} <= set(predict_op["responses"])
     assert "security" not in spec["paths"]["/api/v1/health"]["get"]
+    validate(spec)  # still a valid OpenAPI 3.0 document with the schemes and refusals added
 
 
 def test_a_burst_over_the_limit_gets_429_then_recovers(guarded: Server) -> None:

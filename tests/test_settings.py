@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from settings import Settings
+from kubesentiment.settings import Settings
 
 
 def test_the_jobs_database_does_not_depend_on_the_working_directory(
@@ -68,7 +68,7 @@ def test_tracing_off_keeps_every_request_out_of_bentomls_tracing_middleware(
 ) -> None:
     from opentelemetry.util.http import ExcludeList
 
-    import observability
+    from kubesentiment import observability
 
     monkeypatch.setattr(observability, "get_settings", lambda: Settings(tracing=tracing))
     options = observability.per_request_options()

@@ -52,8 +52,8 @@ from aiokafka.errors import KafkaConnectionError
 
 from devtools.local_kafka import TansuBroker, WorkerProcess
 from kafka_worker.worker import Worker
+from kubesentiment.settings import Settings, get_settings
 from runners.model_store import StoredModel
-from settings import Settings, get_settings
 from tests.conftest import Server
 
 TOPICS = get_settings().kafka_topics

@@ -19,12 +19,9 @@ import bentoml: `serve` hands them plain paths and values.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -37,7 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-import psutil
+
+from devtools.processes import ProcessTree
 
 if TYPE_CHECKING:
     from runners.model_store import StoredModel
@@ -308,88 +306,27 @@ def _environment(peer: Peer, launch: Launch) -> dict[str, str]:
     return {**env, **launch.env}
 
 
-def _wait_until_ready(peer: Peer, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    """Until `ready_path` answers 200 and one prediction succeeds; a clear error with the end
-    of the peer's log when it exits or takes longer than `start_timeout_s`."""
-    deadline = time.monotonic() + peer.start_timeout_s
-    with httpx.Client(timeout=10) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"the {peer.name} peer exited with status {proc.returncode} before it was "
-                    f"ready; the end of its log ({log}):\n{_tail(log)}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(url + peer.ready_path).status_code == 200:
-                    response = client.post(
-                        url + peer.predict_path,
-                        content=peer.body("warm-up"),
-                        headers={"Content-Type": "application/json"},
-                    )
-                    if response.status_code == 200:
-                        peer.answer(response.json())
-                        return
-            time.sleep(0.5)
-    raise RuntimeError(
-        f"the {peer.name} peer was not ready within {peer.start_timeout_s:.0f} s; "
-        f"the end of its log ({log}):\n{_tail(log)}"
+def _ready(peer: Peer, client: httpx.Client, url: str) -> bool:
+    """`ready_path` answers 200 and one prediction succeeds."""
+    if client.get(url + peer.ready_path).status_code != 200:
+        return False
+    response = client.post(
+        url + peer.predict_path,
+        content=peer.body("warm-up"),
+        headers={"Content-Type": "application/json"},
     )
-
-
-def _family(pid: int) -> set[psutil.Process]:
-    """Every process the peer started: its descendants, and whatever is left in its session
-    (it leads one of its own), which finds children whose parent already exited."""
-    found: set[psutil.Process] = set()
-    with contextlib.suppress(psutil.NoSuchProcess):
-        found.update(psutil.Process(pid).children(recursive=True))
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError, PermissionError):
-            if process.pid != pid and os.getsid(process.pid) == pid:
-                found.add(process)
-    return found
-
-
-def stop_peer(proc: subprocess.Popen[bytes], grace_s: float) -> None:
-    """SIGTERM the peer's main process and give it `grace_s` to stop itself and its children;
-    then SIGTERM everything left of it, and SIGKILL what still runs 5 s later. Raises if any
-    process of the peer survives (the next benchmark would share the cores with it)."""
-    family = _family(proc.pid)
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        family |= _family(proc.pid)
-        proc.kill()
-        proc.wait()
-    family |= _family(proc.pid)
-    # What the main process did not take down with it (Ray's processes die with their
-    # parent; MLServer's workers are stopped by the server): a moment to exit, then signals.
-    _, alive = psutil.wait_procs(family, timeout=5)
-    for signal_them in ("terminate", "kill"):
-        for process in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                getattr(process, signal_them)()
-        _, alive = psutil.wait_procs(alive, timeout=5)
-    if alive:
-        raise RuntimeError(f"processes of the peer still run: {[p.pid for p in alive]}")
-
-
-def _die_with_parent() -> None:
-    """Run in the peer's process before it starts: Linux sends it SIGTERM when the thread that
-    started it exits, so a benchmark killed mid-run does not leave a peer on the cores (its
-    own children then go with it, as when `serve` stops it)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            pr_set_pdeathsig = 1
-            ctypes.CDLL("libc.so.6").prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if response.status_code != 200:
+        return False
+    peer.answer(response.json())
+    return True
 
 
 @contextmanager
 def serve(peer: Peer, model: StoredModel, port: int, log: Path | None = None) -> Iterator[str]:
     """The peer serving `model` on 127.0.0.1:`port` (and the next `peer.ports - 1` ports),
     from its own environment (installed first if need be); yields the base URL once it answers
-    a prediction, and stops it and every process it started on exit. Its output goes to `log`
+    a prediction, and stops it and every process it started on exit (SIGTERM, `stop_grace_s`
+    for it to stop its children, then signals to what is left). Its output goes to `log`
     (default: a temporary file, shown in the error if it fails to start)."""
     venv = ensure_env(peer)
     _check_ports_free(port, peer.ports)
@@ -397,23 +334,21 @@ def serve(peer: Peer, model: StoredModel, port: int, log: Path | None = None) ->
     with tempfile.TemporaryDirectory(prefix=f"peer-{peer.name}-") as scratch_dir:
         scratch = Path(scratch_dir)
         launch = peer.launcher(venv / "bin" / "python", model, port, scratch)
-        log_file = log or scratch / "peer.log"
-        with log_file.open("wb") as out:
-            proc = subprocess.Popen(
-                launch.argv,
-                cwd=scratch,
-                env=_environment(peer, launch),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-            try:
-                _wait_until_ready(peer, proc, url, log_file)
-                yield url
-            finally:
-                stop_peer(proc, peer.stop_grace_s)
+        tree = ProcessTree(
+            launch.argv,
+            cwd=scratch,
+            env=_environment(peer, launch),
+            log=log or scratch / "peer.log",
+            die_with_parent=True,
+        )
+        try:
+            with httpx.Client(timeout=10) as client:
+                tree.start().wait_until(
+                    lambda: _ready(peer, client, url), "ready", peer.start_timeout_s
+                )
+            yield url
+        finally:
+            tree.stop(grace=peer.stop_grace_s)
 
 
 def predict(peer: Peer, url: str, text: str) -> tuple[str, float]:

@@ -12,11 +12,11 @@ from typing import Any, ClassVar
 
 import bentoml
 
-from observability import configure_logging, get_metrics, per_request_options
+from kubesentiment.observability import configure_logging, get_metrics, per_request_options
+from kubesentiment.settings import BackendName, get_settings, use_local_models_only
 from runners.engine import load_engine
 from runners.model_store import StoredModel
 from runners.prediction import Prediction
-from settings import Backend, get_settings, use_local_models_only
 
 settings = get_settings()
 # BentoML 1.4.40 recycles the client session between services every 100 requests, and calls
@@ -25,7 +25,7 @@ ONE_SESSION = {"max_requests": 10**9, "max_age": 1e9}
 
 
 class _Runner:
-    backend: ClassVar[Backend]
+    backend: ClassVar[BackendName]
     model_ref = bentoml.models.BentoModel(settings.model_store_tag)
 
     def __init__(self) -> None:
@@ -67,6 +67,6 @@ class TorchRunner(_Runner):
     backend = "pytorch"
 
 
-def runner_service(backend: Backend) -> Any:
+def runner_service(backend: BackendName) -> Any:
     """The runner service (a BentoML Service) that serves a back end."""
     return TorchRunner if backend == "pytorch" else OnnxRunner

@@ -1,4 +1,4 @@
-"""Alembic's entry: always run by `jobs.migrate` on a connection it passes in."""
+"""Alembic's entry: always run by `store.migrate` on a connection it passes in."""
 
 from __future__ import annotations
 

@@ -29,8 +29,8 @@ from kafka_worker import messages
 from kafka_worker.isolation import ModelFailure, Scorer, score_isolating_failures
 from kafka_worker.messages import INFERENCE_ERROR, Rejected, Source, TextMessage
 from kafka_worker.metrics import WorkerMetrics
+from kubesentiment.settings import Settings
 from runners.prediction import Prediction
-from settings import Settings
 
 log = structlog.get_logger("kafka_worker")
 MAX_BACKOFF_S = 30.0

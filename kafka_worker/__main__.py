@@ -15,11 +15,11 @@ from aiohttp import web
 
 from kafka_worker.metrics import probe_app
 from kafka_worker.worker import IdempotenceUnsupported, Worker
-from observability import configure_logging, get_metrics
+from kubesentiment.observability import configure_logging, get_metrics
+from kubesentiment.settings import Settings, get_settings, use_local_models_only
+from kubesentiment.vault import Vault, VaultError, with_vault_secrets
 from runners.engine import load_engine
 from runners.model_store import get
-from settings import Settings, get_settings, use_local_models_only
-from vault import Vault, VaultError, with_vault_secrets
 
 WORKER_SETTINGS = ("model_name", "model_tag", "backend", "max_text_chars")
 

@@ -15,11 +15,11 @@ import structlog
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api_errors import API_PREFIX
-from api_keys import KeyRing
-from observability import get_metrics
-from rate_limits import RateLimiter
-from settings import get_settings
+from kubesentiment.api.errors import API_PREFIX
+from kubesentiment.api.keys import KeyRing
+from kubesentiment.api.rate_limits import RateLimiter
+from kubesentiment.observability import get_metrics
+from kubesentiment.settings import get_settings
 
 log = structlog.get_logger("kubesentiment.gate")
 REALM = 'Bearer realm="kubesentiment"'

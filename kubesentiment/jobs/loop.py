@@ -22,8 +22,8 @@ from typing import Literal
 
 import structlog
 
-from jobs import Chunk, JobStore
-from observability import get_metrics
+from kubesentiment.jobs.store import Chunk, JobStore
+from kubesentiment.observability import get_metrics
 from runners.prediction import Prediction
 from runners.scheduler import Overloaded
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-Backend = Literal["onnx-int8", "onnx-fp32", "pytorch"]
+BackendName = Literal["onnx-int8", "onnx-fp32", "pytorch"]
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     )
 
     # Inference
-    backend: Backend = Field(default="onnx-int8", description="Back end that scores texts.")
+    backend: BackendName = Field(default="onnx-int8", description="Back end that scores texts.")
     runner_layout: Literal["in-process", "split"] = Field(
         default="in-process",
         description="Where the model runs: in each worker of the HTTP service, or in a runner "

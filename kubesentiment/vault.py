@@ -21,7 +21,7 @@ import requests
 import structlog
 from pydantic import SecretStr
 
-from settings import Settings
+from kubesentiment.settings import Settings
 
 log = structlog.get_logger("kubesentiment.vault")
 TIMEOUT_S = 5

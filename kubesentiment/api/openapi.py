@@ -1,6 +1,8 @@
 """The OpenAPI document as served at /docs.json: BentoML generates it but cannot declare security
-schemes, documents FastAPI's 422 and its own string `detail` where we answer 400, and knows no
-success status but 200. This middleware corrects the document on its way out, so that Swagger
+schemes, documents FastAPI's 422 and its own string `detail` where we answer 400, knows no
+success status but 200, and declares OpenAPI 3.0 while pydantic writes its schemas in the 3.1
+dialect (`examples` lists, `anyOf` with a null type), which 3.0 validators and code generators
+reject. This middleware corrects the document on its way out, so that Swagger
 UI offers to try the API with a key, and clients generated from the document (and schemathesis,
 tests/test_fuzz.py) know every answer the API gives."""
 
@@ -10,8 +12,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api_errors import API_PREFIX, json_rewriter
-from api_gate import GatePolicy
+from kubesentiment.api.errors import API_PREFIX, json_rewriter
+from kubesentiment.api.gate import GatePolicy
 
 OPENAPI_PATH = "/docs.json"
 SECURITY_SCHEMES = {
@@ -50,6 +52,7 @@ class OpenApiDocument:
         await self.app(scope, receive, send)
 
     def document(self, spec: dict[str, Any]) -> dict[str, Any]:
+        as_openapi_30(spec)
         components = spec.setdefault("components", {})
         components.setdefault("schemas", {})["Error"] = ERROR_SCHEMA
         if self.policy.auth:
@@ -88,3 +91,33 @@ class OpenApiDocument:
             responses["415"] = error_response("Content-Type is not application/json")
         if success is not None and "200" in responses:
             responses[success] = responses.pop("200")
+
+
+def as_openapi_30(node: Any) -> None:
+    """Rewrite, in place, the JSON Schema 2020-12 keywords that pydantic emits into their OpenAPI
+    3.0 forms: `examples: [a, ...]` -> `example: a`, `const: a` -> `enum: [a]`, and
+    `anyOf: [X, {type: null}]` -> X with `nullable: true`. A media type's `examples` (a map of
+    Example objects, valid in 3.0) is left alone."""
+    if isinstance(node, list):
+        for item in node:
+            as_openapi_30(item)
+        return
+    if not isinstance(node, dict):
+        return
+    if isinstance(node.get("examples"), list):
+        examples = node.pop("examples")
+        if examples:
+            node["example"] = examples[0]
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    if isinstance(node.get("anyOf"), list) and {"type": "null"} in node["anyOf"]:
+        others = [option for option in node.pop("anyOf") if option != {"type": "null"}]
+        node["nullable"] = True
+        if len(others) == 1 and "$ref" not in others[0]:
+            node.update(others[0])
+        elif len(others) == 1:  # siblings of a $ref are ignored in 3.0
+            node["allOf"] = others
+        else:
+            node["anyOf"] = others
+    for value in node.values():
+        as_openapi_30(value)

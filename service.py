@@ -29,20 +29,12 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from api_errors import ApiErrors, readable
-from api_gate import ApiGate
-from api_keys import InvalidKeys, KeyRing, parse_keys
-from job_loop import JobLoop
-from jobs import Job, JobStore, database_url
-from observability import configure_logging, get_metrics, per_request_options, render_metrics
-from openapi_document import OpenApiDocument
-from request_ids import RequestIds
-from runners.engine import load_engine
-from runners.model_store import StoredModel
-from runners.prediction import Prediction
-from runners.scheduler import BatchScheduler, Overloaded, Predict
-from runners.services import runner_service
-from schemas import (
+from kubesentiment.api.errors import ApiErrors, readable
+from kubesentiment.api.gate import ApiGate
+from kubesentiment.api.keys import InvalidKeys, KeyRing, parse_keys
+from kubesentiment.api.openapi import OpenApiDocument
+from kubesentiment.api.request_ids import RequestIds
+from kubesentiment.api.schemas import (
     BatchPredictResponse,
     BatchTexts,
     Health,
@@ -58,8 +50,21 @@ from schemas import (
     SentimentScore,
     Text,
 )
-from settings import Settings, get_settings, use_local_models_only
-from vault import SecretWatch, Vault, VaultError, with_vault_secrets
+from kubesentiment.jobs.loop import JobLoop
+from kubesentiment.jobs.store import Job, JobStore, database_url
+from kubesentiment.observability import (
+    configure_logging,
+    get_metrics,
+    per_request_options,
+    render_metrics,
+)
+from kubesentiment.settings import Settings, get_settings, use_local_models_only
+from kubesentiment.vault import SecretWatch, Vault, VaultError, with_vault_secrets
+from runners.engine import load_engine
+from runners.model_store import StoredModel
+from runners.prediction import Prediction
+from runners.scheduler import BatchScheduler, Overloaded, Predict
+from runners.services import runner_service
 
 settings = get_settings()
 log = structlog.get_logger("kubesentiment")

@@ -18,8 +18,8 @@ import structlog
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
+from kubesentiment.settings import get_settings
 from runners.prediction import Prediction
-from settings import get_settings
 
 if TYPE_CHECKING:
     from runners.scheduler import QueueState

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
-from settings import get_settings
+from kubesentiment.settings import get_settings
 
 settings = get_settings()
 
@@ -135,7 +135,3 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any] = Field(
         description="Per domain, per back end: accuracy, F1, confusion matrix, agreement"
     )
-
-
-class ErrorBody(BaseModel):
-    error: str

@@ -15,10 +15,10 @@ from typing import Literal, Protocol, get_args
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from kubesentiment.settings import BackendName
 from runners.model_store import StoredModel
 from runners.normalization import normalize_text
 from runners.prediction import Prediction
-from settings import Backend as BackendName
 
 
 class Backend(Protocol):

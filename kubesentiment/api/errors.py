@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from observability import get_metrics
+from kubesentiment.observability import get_metrics
 
 API_PREFIX = "/api/v1/"
 REASONS = {

@@ -1,6 +1,6 @@
 """Async batch jobs in a SQL database, so that a restart loses neither a job nor its finished work:
 SQLite by default (one pod, nothing to install) or PostgreSQL (shared by every replica and
-worker), through one SQLAlchemy Core code path. The schema is versioned (job_migrations/).
+worker), through one SQLAlchemy Core code path. The schema is versioned (migrations/).
 
 Any number of job loops, in any number of processes and pods, share the work: each claims a
 chunk of unscored texts under a lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL; SQLite serialises
@@ -27,10 +27,10 @@ from runners.prediction import Prediction
 
 JobState = Literal["queued", "running", "completed", "failed"]
 UNFINISHED = ("queued", "running")
-MIGRATIONS = Path(__file__).with_name("job_migrations")
+MIGRATIONS = Path(__file__).with_name("migrations")
 MIGRATION_LOCK = 7_305_613  # any constant: PostgreSQL's advisory lock id for schema upgrades
 
-# The tables as the queries see them; job_migrations/ creates and upgrades them.
+# The tables as the queries see them; migrations/ creates and upgrades them.
 schema = sa.MetaData()
 jobs = sa.Table(
     "jobs",
