@@ -4,7 +4,7 @@ request -> Sentiment (this file) -> BatchScheduler (runners/scheduler.py) -> Sen
 (runners/engine.py) -> ONNX Runtime or PyTorch model from the BentoML store (models/).
 
 The model runs inside this process, batched adaptively by the scheduler: on 2 cores an HTTP hop
-to a separate runner process costs more than scoring the text (see README, Performance). The same
+to a separate runner process costs more than scoring the text (see docs/performance.md). The same
 engine also runs as standalone BentoML runner services (runners/services.py) and in the Kafka
 worker.
 """
@@ -224,8 +224,8 @@ class Sentiment:
         )
         self.started = time.monotonic()
         # Everything loaded so far lives as long as the process: move it out of the garbage
-        # collector's sight, and collect the young generations less often. With the defaults,
-        # collections stalled requests for 100-300 ms (p99 at 8 clients went from 312 to ~40 ms).
+        # collector's sight, and collect the young generations less often: with the defaults,
+        # collections stalled requests (docs/performance.md, the single-text path).
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         self.metrics.ready.set(1)

@@ -25,8 +25,9 @@ WORKER_SETTINGS = ("model_name", "model_tag", "backend", "max_text_chars")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The worker takes no options: environment variables configure it (settings.py), and
-    --help lists the ones it reads, with their defaults, from the settings module itself."""
+    """The worker takes no options: environment variables configure it
+    (kubesentiment/settings.py), and --help lists the ones it reads, with their defaults, from
+    the settings module itself."""
     lines = [
         f"  {name.upper():<28} {field.description or 'see README'} (default: {field.default})"
         for name, field in Settings.model_fields.items()

@@ -67,8 +67,8 @@ class Settings(BaseSettings):
         description="Where the model runs: in each worker of the HTTP service, or in a runner "
         "service of its own that the HTTP service calls once per batch (scaled apart).",
     )
-    # Two workers of one thread served 16-53% more than one of two threads at 8-64 clients on
-    # the 2-core build machine, and answered a lone client 2 ms later (README, Scaling).
+    # Two workers of one thread serve more than one of two threads on a 2-core pod at 8 clients
+    # and more (docs/scaling.md, Workers and threads).
     service_workers: int = Field(
         default=2, ge=1, description="Worker processes of the HTTP service, each with the model."
     )
@@ -79,7 +79,7 @@ class Settings(BaseSettings):
         "(or of a runner service): workers x threads = the pod's cores.",
     )
     max_batch_size: int = Field(default=64, ge=1, description="Largest inference batch.")
-    # Observability per request (README, Performance): BentoML writes an access log line and
+    # Observability per request (docs/performance.md): BentoML writes an access log line and
     # records an OpenTelemetry span for every request even when no trace is sampled or exported;
     # together they were about a third of the CPU of the single-text HTTP path.
     access_log: bool = Field(
@@ -132,7 +132,7 @@ class Settings(BaseSettings):
         "keep it under the pod's termination grace period.",
     )
 
-    # Security (README, Security)
+    # Security (docs/security.md)
     api_auth: bool = Field(
         default=False,
         description="Require an API key (Authorization: Bearer, or X-API-Key) on the prediction, "

@@ -1,5 +1,5 @@
 """The benchmark suite's report: index.html (plots and tables, self-contained), bench.json (every
-figure) and bench.md (the summary the README's Performance section quotes)."""
+figure) and bench.md (the summary docs/performance.md quotes)."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ LOAD_COLUMNS = ["clients", "requests_per_s", "p50_ms", "p95_ms", "p99_ms", "erro
 
 
 def summary(result: dict[str, Any]) -> str:
-    """Markdown: what the README's Performance section quotes."""
+    """Markdown: what docs/performance.md quotes."""
     parts = [
         f"{result['date']}, {result['cpu']}, {result['cpus']} CPUs, model {result['model']['tag']}"
         f" ({result['settings']['backend']}, {result['settings']['service_workers']} workers x "

@@ -108,7 +108,7 @@ def evaluate(
 
 
 # The int8 graph may cost at most this much accuracy against fp32 on any domain, or one text
-# where a domain has so few that one text is more (README, Model).
+# where a domain has so few that one text is more (docs/model.md).
 INT8_MAX_ACCURACY_LOSS = 0.005
 
 

@@ -9,7 +9,7 @@ reaches about 28 where the median channel stays near 2; one GELU channel 24 agai
 so that one scale leaves the ordinary channels a handful of levels. Before quantising, those
 outlier channels are divided down by an explicit Mul in front of the MatMul and the same factor
 is multiplied into the weight rows they meet: the fp32 result is unchanged, the int8 one loses
-about half as many labels (README, Model). Only weight MatMuls are quantised: int8 embedding
+about half as many labels (docs/model.md). Only weight MatMuls are quantised: int8 embedding
 tables cost labels and bought no speed.
 """
 
@@ -60,7 +60,7 @@ def early_feed_forward_matmuls(model: onnx.ModelProto, layers: int) -> list[str]
     """The feed-forward MatMuls (intermediate and output projections) of the first `layers`
     encoder layers: where an int8 error is made earliest, and so carried and grown by every
     later layer. Quantising one MatMul at a time, the first layers' feed-forward blocks caused
-    most of the label flips and the last layers' hardly any (README, Model)."""
+    most of the label flips and the last layers' hardly any (docs/model.md)."""
     prefixes = tuple(f"/layer.{i}/" for i in range(layers))
     return [
         node.name

@@ -9,7 +9,7 @@ model how sure people were, and a second head, used only in training, predicts h
 spread over the scale. That spread says how strong and how mixed a sentence's sentiment is,
 which the sign alone does not. Compared seed by seed, the head added about a point of test
 accuracy on average, less than the spread between seeds; it is the one change of many tried
-that was kept (README, Model).
+that was kept (docs/model.md).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def cpu_has_fast_bf16() -> bool:
 @dataclass(frozen=True)
 class TrainConfig:
     # Two passes over the 18,000 sentences of all four domains: a third one gained nothing on
-    # validation and would break the 15-minute budget of `make model` (README, Model).
+    # validation and would break the 15-minute budget of `make model` (docs/model.md).
     epochs: int = 2
     batch_size: int = 32
     learning_rate: float = 8e-5
@@ -59,7 +59,7 @@ class TrainConfig:
     rating_weight: float = 0.5  # weight of the rating-spread loss of the training-only head
     seed: int = 13
     # bfloat16 matmuls with fp32 master weights: twice the training speed on CPUs with
-    # AVX512-BF16 or AMX, the same accuracy (README, Model). Evaluation and export stay fp32.
+    # AVX512-BF16 or AMX, the same accuracy (docs/model.md). Evaluation and export stay fp32.
     bf16: bool = field(default_factory=cpu_has_fast_bf16)
     max_steps: int | None = None  # a cap for smoke runs
     encoder: str = MINILM  # models.encoders.ENCODERS
@@ -68,7 +68,7 @@ class TrainConfig:
 DEFAULT_CONFIG = TrainConfig()
 # `make model-large`: all-mpnet-base-v2 (109 M parameters) reaches every domain's accuracy
 # target where no recipe of the 22 M MiniLM did, at about 4 times the serving cost per text
-# (README, Model). One epoch: on a GPU, half an epoch scored within 1-2 points of two epochs.
+# (docs/model.md). One epoch: on a GPU, half an epoch scored within 1-2 points of two epochs.
 LARGE_CONFIG = TrainConfig(encoder=MPNET, epochs=1, learning_rate=4e-5)
 RECIPES = {"default": DEFAULT_CONFIG, "large": LARGE_CONFIG}
 

@@ -3,7 +3,7 @@
 all-MiniLM-L6-v2 and all-mpnet-base-v2 were trained so that the *mean* of their token vectors
 describes a sentence; their [CLS] vectors and poolers were never trained for that. Classifying
 the mean-pooled vector gave higher validation accuracy than Hugging Face's standard [CLS] head
-(README, Model). One class per encoder family (BERT, MPNet), each registered with the Auto
+(docs/model.md). One class per encoder family (BERT, MPNet), each registered with the Auto
 classes, so a saved model is an ordinary Hugging Face folder whose config.json names it, and
 models people bring with the standard head load the same way.
 """

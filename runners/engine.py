@@ -75,7 +75,7 @@ WindowAggregation = Literal["probability_mean", "logit_mean", "confidence_weight
 the mean of the probabilities; the mean of the log-probabilities (a confident window counts
 more); or the mean of the probabilities weighted again by each window's confidence. The
 pipeline measures all three on whole validation reviews and records the best in the model's
-metadata (README, Model)."""
+metadata (docs/model.md)."""
 WINDOW_AGGREGATIONS: tuple[WindowAggregation, ...] = get_args(WindowAggregation)
 
 

@@ -8,7 +8,7 @@ single `/predict` call wait for more than one batch.
 
 Why not BentoML's own dispatcher between two processes: each hop costs an HTTP round trip per
 text on a 2-core machine, and the dispatcher waits to fill batches; both cost more than the model
-itself at this size (see README, Performance).
+itself at this size (see docs/performance.md).
 """
 
 from __future__ import annotations

@@ -324,7 +324,7 @@ def gibibytes(quantity: str) -> float:
 
 def test_large_model_overlay(helm: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
     """values-large.yaml serves sentiment-large with room for it: the API pod's two workers held
-    2.0 GiB scoring long texts (README, The larger model), at the default limit of 2 GiB, and
+    2.0 GiB scoring long texts (docs/model.md, The larger model), at the default limit of 2 GiB, and
     each text takes about 4 times as long, so the queue is a quarter. Layered on the production
     values it adds and drops no object."""
     layered = [

@@ -148,7 +148,7 @@ def test_a_denied_secret_stops_the_server_with_one_clear_line(
     server = Server(
         "service:Sentiment", 3226, JOBS_DB=str(tmp_path / "j.db"), API_AUTH="true", **env
     )
-    with pytest.raises(RuntimeError, match="server exited"):
+    with pytest.raises(RuntimeError, match="exited with status 2 before it was ready"):
         server.start()
     assert server.proc is not None and server.proc.returncode == 2
     lines = server.log.read_text().splitlines()

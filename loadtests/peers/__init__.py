@@ -127,7 +127,7 @@ def _fastapi(python: Path, model: StoredModel, port: int, scratch: Path) -> Laun
         argv=(*argv, "--workers", "1"),
         env={
             # fastapi_app.py, and runners.architecture for the model's custom architecture.
-            "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT / "src")]),
+            "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
             "PEER_MODEL_DIR": str(model.pytorch_dir),
             "PEER_LABELS": ",".join(model.metadata["labels"]),
             "PEER_MAX_LENGTH": str(model.metadata["max_length"]),

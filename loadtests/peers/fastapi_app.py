@@ -7,7 +7,7 @@
 `POST /predict` with `{"text": "..."}` answers `{"label": ..., "score": ...}`; `GET /health`.
 
 Runs in its own virtual environment (loadtests/peers/fastapi.txt) with this folder and the
-project's src/ on PYTHONPATH: the stored PyTorch folder names our mean-pooling architecture,
+project's root on PYTHONPATH: the stored PyTorch folder names our mean-pooling architecture,
 which `runners.architecture` registers with transformers' Auto classes when imported.
 
 Settings, and why:
