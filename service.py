@@ -63,8 +63,9 @@ from kubesentiment.vault import SecretWatch, Vault, VaultError, with_vault_secre
 from runners.engine import load_engine
 from runners.model_store import StoredModel
 from runners.prediction import Prediction
-from runners.scheduler import BatchScheduler, Overloaded, Predict
+from runners.scheduler import BatchScheduler, Overloaded, Predict, TooMuchWork
 from runners.services import runner_service
+from runners.windowing import Windowing
 
 settings = get_settings()
 log = structlog.get_logger("kubesentiment")
@@ -73,6 +74,7 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for it: nobody reads it, the logs 
 MAX_OFFSET = 2**63 - 1  # the largest integer SQLite and PostgreSQL take: more would be a 500
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # what JobStore.create makes (uuid4().hex)
 T = TypeVar("T")
+INLINE_MEASURE_CHARS = 4096  # longer inputs are tokenised in a thread, off the event loop
 # The API keys valid now, shared with the ApiGate middleware; Vault's refresh replaces them.
 API_KEYS = KeyRing()
 read_api = FastAPI(title="KubeSentiment", description="Health, model, metrics and job results.")
@@ -125,6 +127,21 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T | None
         return task.result()
     task.cancel()
     return None
+
+
+class TextTooLong(ValueError):
+    """A text costs more tokens than MAX_TEXT_TOKENS allows."""
+
+    def __init__(self, index: int, tokens: int) -> None:
+        super().__init__(index, tokens)
+        self.index, self.tokens = index, tokens
+
+    def naming(self, field: str) -> str:
+        where = field if field == "text" else f"{field}[{self.index}]"
+        return (
+            f"{where}: {self.tokens} tokens after normalisation, more than the "
+            f"{settings.max_text_tokens} a text may have (MAX_TEXT_TOKENS)"
+        )
 
 
 def sentiment(label: str, score: float) -> SentimentScore:
@@ -200,10 +217,12 @@ class Sentiment:
             self.key_watch.start()
         self.metrics = get_metrics()
         self.model = StoredModel.from_bentoml(self.model_ref)
+        self.windowing = Windowing.of(self.model)  # what a text costs, in either layout
         self.scheduler = BatchScheduler(
             self.load_predict(),
             settings.max_batch_size,
-            settings.max_queued_texts,
+            settings.max_queued_tokens,
+            settings.max_batch_tokens,
             observe_queue=self.metrics.observe_queue,
             observe_dropped=self.metrics.dropped_texts.inc,
         )
@@ -279,8 +298,20 @@ class Sentiment:
     def secrets_problem(self) -> str | None:
         return self.key_watch.stale if self.key_watch is not None else None
 
+    async def costs(self, texts: list[str]) -> list[int]:
+        """Tokens per text; a text over MAX_TEXT_TOKENS raises TextTooLong. Long inputs are
+        measured off the event loop, which serves everyone else meanwhile."""
+        if sum(map(len, texts)) <= INLINE_MEASURE_CHARS:
+            costs = self.windowing.costs(texts)
+        else:
+            costs = await asyncio.to_thread(self.windowing.costs, texts)
+        for index, cost in enumerate(costs):
+            if cost > settings.max_text_tokens:
+                raise TextTooLong(index, cost)
+        return costs
+
     async def score(self, texts: list[str], bulk: bool = False) -> list[Prediction]:
-        predictions = await self.scheduler.submit(texts, bulk=bulk)
+        predictions = await self.scheduler.submit(texts, await self.costs(texts), bulk=bulk)
         self.metrics.observe_predictions(texts, predictions, settings.backend)
         return predictions
 
@@ -289,13 +320,20 @@ class Sentiment:
             text=text, sentiment=sentiment(prediction.label, prediction.score), model=self.ref
         )
 
-    async def score_for(self, ctx: bentoml.Context, texts: list[str]) -> list[Prediction] | Any:
-        """The predictions of a caller's texts, or the error answer to return instead: shutting
-        down, overloaded (both 503), or the client went away before its turn."""
+    async def score_for(
+        self, ctx: bentoml.Context, texts: list[str], field: str
+    ) -> list[Prediction] | Any:
+        """The predictions of a caller's texts, or the error answer to return instead: a text
+        over MAX_TEXT_TOKENS (400), more work than may ever queue (413), shutting down or
+        overloaded (both 503), or the client went away before its turn."""
         if not self.accepting:
             return unavailable(ctx, "shutting down; retry on another replica")
         try:
             scored = await unless_client_leaves(ctx.request, self.score(texts))
+        except TextTooLong as err:
+            return error(ctx, 400, err.naming(field))
+        except TooMuchWork as err:
+            return error(ctx, 413, str(err))
         except Overloaded as err:
             return unavailable(ctx, f"overloaded: {err}; retry shortly")
         if scored is None:
@@ -305,7 +343,7 @@ class Sentiment:
     @bentoml.api(route="/api/v1/predict")
     async def predict(self, text: Text, ctx: bentoml.Context) -> PredictResponse:
         """Score one text."""
-        scored = await self.score_for(ctx, [text])
+        scored = await self.score_for(ctx, [text], "text")
         if not isinstance(scored, list):  # the error answer
             return scored
         return self.response(text, scored[0])
@@ -321,7 +359,7 @@ class Sentiment:
     @bentoml.api(route="/api/v1/predict/batch")
     async def predict_batch(self, texts: BatchTexts, ctx: bentoml.Context) -> BatchPredictResponse:
         """Score up to MAX_BATCH_TEXTS texts at once; results keep the input order."""
-        scored = await self.score_for(ctx, texts)
+        scored = await self.score_for(ctx, texts, "texts")
         if not isinstance(scored, list):  # the error answer
             return scored
         results = [self.response(t, p) for t, p in zip(texts, scored, strict=True)]
@@ -332,6 +370,10 @@ class Sentiment:
         """Queue up to MAX_JOB_TEXTS texts; poll /api/v1/batch/status/{job_id}."""
         if not self.accepting:
             return unavailable(ctx, "shutting down; retry on another replica")
+        try:  # refused now rather than failed later: every text must fit MAX_TEXT_TOKENS
+            await self.costs(texts)
+        except TextTooLong as err:
+            return error(ctx, 400, err.naming("texts"))
         job = await asyncio.to_thread(self.jobs.create, texts)
         self.metrics.jobs.labels("submitted").inc()
         self.job_loop.wakeup.set()

@@ -105,8 +105,26 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(default=20_000, ge=1, description="Longest accepted text.")
     max_batch_texts: int = Field(default=256, ge=1, description="Texts per sync batch request.")
     max_job_texts: int = Field(default=100_000, ge=1, description="Texts per async batch job.")
-    max_queued_texts: int = Field(
-        default=4096, ge=1, description="Interactive texts waiting before new ones get 503."
+    # Work is counted in tokens: the tokens the model reads, after normalisation, the overlaps of
+    # a long text's windows included (runners/windowing.py). Characters say little: an emoji
+    # becomes its name, and 20,000 of them are about 130,000 tokens.
+    max_text_tokens: int = Field(
+        default=8192,
+        ge=1,
+        description="Most tokens one text may cost (20,000 characters of English are about "
+        "5,000); a longer one gets 400, a dead letter text_too_long in Kafka.",
+    )
+    max_batch_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description="Tokens per model call: larger requests are split across calls, and others "
+        "board between them; one text above it goes alone.",
+    )
+    max_queued_tokens: int = Field(
+        default=65_536,
+        ge=1,
+        description="Interactive tokens waiting for the model per worker process before new "
+        "requests get 503; a request above it on its own gets 413.",
     )
     jobs_db: AbsolutePath = Field(
         default_factory=lambda: _data_home() / "kubesentiment" / "jobs.db",

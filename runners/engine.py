@@ -1,6 +1,6 @@
 """The one pre/post-processing path every back end shares: tokenise, cut long texts into
-overlapping windows, group windows of similar length into batches, score, and fold window
-scores back into one answer per text.
+overlapping windows (windowing.py), group windows of similar length into batches, score, and
+fold window scores back into one answer per text.
 
 Both the HTTP service, the runner services and the Kafka worker call `SentimentEngine.predict`,
 so a text gets the same score whichever door it came through.
@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Literal, Protocol, get_args
 
 import numpy as np
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Encoding
 
 from kubesentiment.settings import BackendName
 from runners.model_store import StoredModel
-from runners.normalization import normalize_text
 from runners.prediction import Prediction
+from runners.windowing import Windowing
 
 
 class Backend(Protocol):
@@ -106,42 +106,23 @@ def fold_windows(
 class SentimentEngine:
     def __init__(
         self,
-        tokenizer_file: Path,
+        windowing: Windowing,
         backend: Backend,
         labels: Sequence[str],
-        max_length: int,
         max_batch_size: int = 64,
-        stride: int = 32,
         observe_batch: BatchObserver | None = None,
-        normalize: Callable[[str], str] | None = None,
         window_aggregation: WindowAggregation = "probability_mean",
     ) -> None:
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        # The tokenizer's own pad token ([PAD] = 0 for BERT, <pad> = 1 for MPNet, whose position
-        # ids skip it); the engine pads batches itself.
-        padding = self.tokenizer.padding
-        self.pad_id = padding["pad_id"] if padding else self.tokenizer.token_to_id("[PAD]") or 0
-        self.tokenizer.no_padding()
-        # Windows of max_length tokens; consecutive windows share `stride` tokens of context.
-        self.tokenizer.enable_truncation(max_length=max_length, stride=stride)
+        self.windowing = windowing
+        self.pad_id = windowing.pad_id
         self.backend = backend
         self.labels = list(labels)
         self.max_batch_size = max_batch_size
         self.observe_batch = observe_batch
-        self.normalize = normalize
         self.window_aggregation = window_aggregation
 
     def windows(self, texts: Sequence[str]) -> tuple[list[Encoding], list[int]]:
-        """Every window of every text, and for each window the index of its text."""
-        windows: list[Encoding] = []
-        owners: list[int] = []
-        if self.normalize is not None:
-            texts = [self.normalize(text) for text in texts]
-        for i, encoding in enumerate(self.tokenizer.encode_batch(list(texts))):
-            for window in (encoding, *encoding.overflowing):
-                windows.append(window)
-                owners.append(i)
-        return windows, owners
+        return self.windowing.windows(texts)
 
     def batches(
         self, windows: Sequence[Encoding]
@@ -201,13 +182,10 @@ def load_engine(
         graph = onnx_file or model.onnx_file(quantized=backend == "onnx-int8")
         scorer = OnnxBackend(graph, threads)
     return SentimentEngine(
-        model.tokenizer_file,
+        Windowing.of(model),
         scorer,
         labels=model.metadata["labels"],
-        max_length=model.metadata["max_length"],
         max_batch_size=max_batch_size,
         observe_batch=observe_batch,
-        # Models we train read normalised text; a model a user brings reads what it was given.
-        normalize=normalize_text if model.metadata.get("normalize_text") else None,
         window_aggregation=model.metadata.get("window_aggregation", "probability_mean"),
     )

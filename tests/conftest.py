@@ -115,8 +115,16 @@ def jobs_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def service(small_model: StoredModel, jobs_db: Path) -> Iterator[Server]:
     """The entry service with the default back end (ONNX int8). The queue limit is lowered so
-    that overload is reachable with a handful of requests."""
-    server = Server("service:Sentiment", 3210, JOBS_DB=str(jobs_db), MAX_QUEUED_TEXTS="300")
+    that overload is reachable with a handful of requests (a 256-text batch of the tests' short
+    sentences is about 3,600 tokens), and a model call may hold 64 long texts, so that a test
+    can keep the model busy for seconds with one request."""
+    server = Server(
+        "service:Sentiment",
+        3210,
+        JOBS_DB=str(jobs_db),
+        MAX_QUEUED_TOKENS="4500",
+        MAX_BATCH_TOKENS="1000000",
+    )
     yield server.start()
     server.stop()
 

@@ -325,7 +325,7 @@ def gibibytes(quantity: str) -> float:
 def test_large_model_overlay(helm: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
     """values-large.yaml serves sentiment-large with room for it: the API pod's two workers held
     2.0 GiB scoring long texts (docs/model.md, The larger model), at the default limit of 2 GiB, and
-    each text takes about 4 times as long, so the queue is a quarter. Layered on the production
+    each token takes about 4 times as long, so the queue is a quarter. Layered on the production
     values it adds and drops no object."""
     layered = [
         d for d in yaml.safe_load_all(render(helm, "-f", str(PRODUCTION), "-f", str(LARGE))) if d
@@ -333,8 +333,8 @@ def test_large_model_overlay(helm: str, rendered: dict[str, list[dict[str, Any]]
     for docs in (rendered["large"], layered):
         (config,) = [d for d in by_kind(docs, "ConfigMap") if "MODEL_NAME" in d.get("data", {})]
         assert config["data"]["MODEL_NAME"] == "sentiment-large"
-        default_queue = Settings.model_fields["max_queued_texts"].default
-        assert int(config["data"]["MAX_QUEUED_TEXTS"]) <= default_queue // 4
+        default_queue = Settings.model_fields["max_queued_tokens"].default
+        assert int(config["data"]["MAX_QUEUED_TOKENS"]) <= default_queue // 4
         api = deployment(docs, "api")["spec"]["template"]["spec"]["containers"][0]
         assert gibibytes(api["resources"]["limits"]["memory"]) >= 3
         assert gibibytes(api["resources"]["requests"]["memory"]) >= 2

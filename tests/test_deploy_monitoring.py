@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -237,8 +238,8 @@ def exported(
     small_model: StoredModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Exported]:
     """The metrics of a live service and a live worker after some work of every kind: predictions,
-    a batch job, a 400, a 503 (the queue limit is 2 texts) and 429s (10 requests a burst), and
-    Kafka messages of which one is dead-lettered."""
+    a batch job, a 400, a 503 (a second request finds the queue full) and 429s (10 requests a
+    burst), and Kafka messages of which one is dead-lettered."""
     topics = get_settings().kafka_topics
     broker = TansuBroker(BROKER_PORT).start()
     worker: WorkerProcess | None = None
@@ -247,7 +248,8 @@ def exported(
         "service:Sentiment",
         SERVICE_PORT,
         JOBS_DB=str(tmp_path_factory.mktemp("monitoring") / "jobs.db"),
-        MAX_QUEUED_TEXTS="2",
+        MAX_QUEUED_TOKENS="2000",
+        MAX_BATCH_TOKENS="16",
         RATE_LIMIT_PER_SECOND="1",
         RATE_LIMIT_BURST="10",
     )
@@ -271,8 +273,18 @@ def exported(
                 client.post(f"{api}/predict/batch", json={"texts": ["x", "y"]}).status_code == 200
             )
             assert client.post(f"{api}/predict", json={"text": ""}).status_code == 400
-            overload = client.post(f"{api}/predict/batch", json={"texts": ["a", "b", "c"]})
-            assert overload.status_code == 503, overload.text
+            # One text per model call (MAX_BATCH_TOKENS): the first request's texts wait long
+            # enough for the second to find the queue (MAX_QUEUED_TOKENS) too full for it.
+            many = {"texts": [f"a film, number {i}" for i in range(256)]}  # ~1,800 tokens
+            with ThreadPoolExecutor(1) as pool:
+                first = pool.submit(httpx.post, f"{api}/predict/batch", json=many, timeout=60)
+                deadline = time.monotonic() + 30
+                while client.get(f"{api}/health").json()["queue"]["interactive_tokens"] < 1000:
+                    assert time.monotonic() < deadline, "the first request never queued"
+                    time.sleep(0.01)
+                overload = client.post(f"{api}/predict/batch", json=many)
+                assert overload.status_code == 503, overload.text
+                assert first.result().status_code == 200
             codes = [
                 client.post(f"{api}/predict", json={"text": "hi"}).status_code for _ in range(20)
             ]

@@ -264,7 +264,7 @@ def test_serving_normalises_text_exactly_as_training_did(small_model) -> None:
     assert normalize_text("snake_case :) <3") == "snake case :) <3"
     assert normalize_text("café ☕") == "café  hot beverage "
     raw = load_engine(small_model, "onnx-int8", threads=1)
-    raw.normalize = None
+    raw.windowing.normalize = None
     assert [w.ids for w in raw.windows([tweet])[0]] != [w.ids for w in windows]
 
 

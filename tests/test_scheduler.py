@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from runners.prediction import Prediction
-from runners.scheduler import BatchScheduler, Overloaded, QueueState
+from runners.scheduler import BatchScheduler, Overloaded, QueueState, TooMuchWork
 
 
 class RecordingModel:
@@ -33,7 +33,7 @@ class RecordingModel:
 
 def test_concurrent_requests_share_batches_and_get_their_own_answers() -> None:
     model = RecordingModel()
-    scheduler = BatchScheduler(model, max_batch_size=16, max_queued_texts=1000)
+    scheduler = BatchScheduler(model, max_batch_size=16, max_queued_tokens=1000)
 
     async def scenario() -> list[list[Prediction]]:
         return await asyncio.gather(*(scheduler.submit(["x" * i]) for i in range(1, 41)))
@@ -47,7 +47,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_answers() -> None:
 
 def test_interactive_requests_board_before_bulk_work() -> None:
     model = RecordingModel(delay=0.05)
-    scheduler = BatchScheduler(model, max_batch_size=4, max_queued_texts=1000)
+    scheduler = BatchScheduler(model, max_batch_size=4, max_queued_tokens=1000)
 
     async def scenario() -> None:
         bulk = [
@@ -64,7 +64,7 @@ def test_interactive_requests_board_before_bulk_work() -> None:
 
 def test_overload_is_refused_immediately() -> None:
     model = RecordingModel(delay=0.2)
-    scheduler = BatchScheduler(model, max_batch_size=2, max_queued_texts=4)
+    scheduler = BatchScheduler(model, max_batch_size=2, max_queued_tokens=4)
 
     async def scenario() -> None:
         first = asyncio.create_task(scheduler.submit(["a", "b"]))
@@ -83,7 +83,7 @@ def test_overload_is_refused_immediately() -> None:
 def test_a_failing_batch_fails_its_callers_and_the_loop_goes_on() -> None:
     model = RecordingModel()
     model.fail_on = "boom"
-    scheduler = BatchScheduler(model, max_batch_size=8, max_queued_texts=100)
+    scheduler = BatchScheduler(model, max_batch_size=8, max_queued_tokens=100)
 
     async def scenario() -> list[Prediction]:
         with pytest.raises(RuntimeError, match="exploded"):
@@ -100,7 +100,7 @@ def test_inference_runs_off_the_event_loop_thread() -> None:
         seen.append(threading.current_thread().name)
         return [Prediction("NEGATIVE", 0.9) for _ in texts]
 
-    scheduler = BatchScheduler(model, max_batch_size=8, max_queued_texts=100)
+    scheduler = BatchScheduler(model, max_batch_size=8, max_queued_tokens=100)
     asyncio.run(scheduler.submit(["x"]))
     assert seen and seen[0].startswith("inference")
 
@@ -120,7 +120,7 @@ class GatedModel:
 
 def gated_scheduler(**observers: Any) -> tuple[GatedModel, BatchScheduler]:
     model = GatedModel()
-    return model, BatchScheduler(model, max_batch_size=4, max_queued_texts=100, **observers)
+    return model, BatchScheduler(model, max_batch_size=4, max_queued_tokens=100, **observers)
 
 
 async def submitted(
@@ -144,8 +144,8 @@ def test_queue_state_counts_waiting_texts_per_lane_and_requests_in_flight() -> N
         await asyncio.gather(*running, *waiting)
         return state
 
-    assert asyncio.run(scenario()) == QueueState(2, 3, 3)
-    assert scheduler.state == QueueState(0, 0, 0) and seen[-1] == QueueState(0, 0, 0)
+    assert asyncio.run(scenario()) == QueueState(2, 2, 3, 3)
+    assert scheduler.state == QueueState(0, 0, 0, 0) and seen[-1] == QueueState(0, 0, 0, 0)
     assert max(s.requests_in_flight for s in seen) == 3
 
 
@@ -163,7 +163,7 @@ def test_a_cancelled_request_is_dropped_not_scored() -> None:
     asyncio.run(scenario())
     assert dropped == [2]
     assert model.batches == [["a"], ["z"]]
-    assert scheduler.state == QueueState(0, 0, 0)
+    assert scheduler.state == QueueState(0, 0, 0, 0)
 
 
 def test_close_waits_for_the_batch_in_flight_and_stops_the_inference_thread() -> None:
@@ -189,6 +189,47 @@ def test_a_coroutine_predict_is_awaited_on_the_event_loop() -> None:
         seen.append(threading.current_thread().name)
         return [Prediction("NEGATIVE", 0.5) for _ in texts]
 
-    scheduler = BatchScheduler(remote, max_batch_size=8, max_queued_texts=100)
+    scheduler = BatchScheduler(remote, max_batch_size=8, max_queued_tokens=100)
     assert asyncio.run(scheduler.submit(["x", "y"])) == [Prediction("NEGATIVE", 0.5)] * 2
     assert seen == [threading.main_thread().name]
+
+
+def test_a_request_of_many_tokens_is_split_and_single_texts_board_between_its_batches() -> None:
+    """Two requests of eight 1,000-token texts hold the model one 4,096-token batch at a time;
+    a single text sent meanwhile boards the next batch, not the last."""
+    model = RecordingModel(delay=0.05)
+    scheduler = BatchScheduler(
+        model, max_batch_size=64, max_queued_tokens=100_000, max_batch_tokens=4096
+    )
+
+    async def scenario() -> list[list[Prediction]]:
+        heavy = [
+            asyncio.create_task(scheduler.submit([f"h{r}-{i}" for i in range(8)], [1000] * 8))
+            for r in range(2)
+        ]
+        await asyncio.sleep(0.02)  # the first batch is running
+        single = await scheduler.submit(["single"], [10])
+        return [single, *await asyncio.gather(*heavy)]
+
+    single, *heavy = asyncio.run(scenario())
+    assert len(single) == 1 and [len(answer) for answer in heavy] == [8, 8]
+    assert [a.score for a in heavy[0]] == [len(f"h0-{i}") / 100 for i in range(8)]  # in order
+    heavy_per_batch = [sum(text.startswith("h") for text in batch) for batch in model.batches]
+    assert heavy_per_batch == [4, 4, 4, 4]  # 4 x 1,000 tokens at most per batch
+    assert "single" in model.batches[1]  # it boarded the batch after the one running
+
+
+def test_a_text_over_the_batch_budget_goes_alone() -> None:
+    model = RecordingModel(delay=0)
+    scheduler = BatchScheduler(
+        model, max_batch_size=64, max_queued_tokens=10_000, max_batch_tokens=100
+    )
+    answers = asyncio.run(scheduler.submit(["big", "small", "small2"], [500, 10, 10]))
+    assert len(answers) == 3 and model.batches == [["big"], ["small", "small2"]]
+
+
+def test_work_larger_than_the_whole_queue_is_refused_even_when_idle() -> None:
+    scheduler = BatchScheduler(RecordingModel(), max_batch_size=8, max_queued_tokens=1000)
+    with pytest.raises(TooMuchWork, match="1200 tokens, more than the 1000"):
+        asyncio.run(scheduler.submit(["a", "b"], [600, 600]))
+    assert scheduler.state == QueueState(0, 0, 0, 0)

@@ -101,6 +101,9 @@ class JobLoopHealth(BaseModel):
 
 class QueueHealth(BaseModel):
     interactive_texts: int = Field(description="Texts of /predict calls waiting for a batch")
+    interactive_tokens: int = Field(
+        description="Their tokens, which admission control counts (MAX_QUEUED_TOKENS)"
+    )
     bulk_texts: int = Field(description="Texts of batch jobs waiting for a batch")
     requests_in_flight: int = Field(description="Requests waiting or being scored")
 
