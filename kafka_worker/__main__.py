@@ -20,6 +20,7 @@ from kubesentiment.settings import Settings, get_settings, use_local_models_only
 from kubesentiment.vault import Vault, VaultError, with_vault_secrets
 from runners.engine import load_engine
 from runners.model_store import get
+from runners.windowing import Windowing
 
 WORKER_SETTINGS = ("model_name", "model_tag", "backend", "max_text_chars")
 
@@ -65,6 +66,7 @@ async def main() -> int:
         settings,
         engine,
         {"name": model.name, "version": model.version, "backend": settings.backend},
+        Windowing.of(model),
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # finish the batch in flight, commit, leave

@@ -1,12 +1,15 @@
 """The message contract: what an input may look like, what a result and a dead letter are.
 
 Input value: JSON {"id": "...", "text": "..."}, or plain UTF-8 text (its id is then
-topic-partition-offset). Every input ends as exactly one result or one dead letter.
+topic-partition-offset). Every input ends as exactly one result or one dead letter, whatever its
+bytes: nothing a producer sends may stop a partition (a JSON nesting deep enough to overflow the
+parser, a number too long to convert, a payload that would make an oversized dead letter).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +38,24 @@ class Rejected:
     reason: str  # a short machine-readable reason, also the dead letter's header
 
 
+MAX_ID_CHARS = 256  # an id travels in every result: a long one could outgrow the producer's limit
+MAX_PAYLOAD_BYTES = 64 * 1024
+"""How much of the original payload a dead letter carries: with JSON escaping at most about six
+times that, well within the producer's max_request_size (1 MiB by default)."""
+MAX_EXCEPTION_CHARS = 1000
+
+
 def parse(value: bytes | None, source: Source, max_chars: int) -> TextMessage | Rejected:
+    """The message, or why it is rejected. Never raises: whatever a producer sent, an
+    unexpected failure here is a dead letter `bad_message`, not a worker that dies on it and
+    on every restart after."""
+    try:
+        return _parse(value, source, max_chars)
+    except Exception:
+        return Rejected("bad_message")
+
+
+def _parse(value: bytes | None, source: Source, max_chars: int) -> TextMessage | Rejected:
     if value is None:
         return Rejected("empty_message")
     try:
@@ -46,7 +66,7 @@ def parse(value: bytes | None, source: Source, max_chars: int) -> TextMessage | 
     if decoded.lstrip().startswith(("{", "[")):
         try:
             body = json.loads(decoded)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # malformed, a number too long, nesting too deep
             return Rejected("bad_json")
         if not isinstance(body, dict):
             return Rejected("not_an_object")
@@ -54,6 +74,8 @@ def parse(value: bytes | None, source: Source, max_chars: int) -> TextMessage | 
         if not isinstance(text, str):
             return Rejected("missing_text")
         message_id = str(body["id"]) if body.get("id") is not None else default_id
+        if len(message_id) > MAX_ID_CHARS:
+            return Rejected("id_too_long")
     else:
         text, message_id = decoded, default_id
     if not text.strip():
@@ -81,25 +103,33 @@ INFERENCE_ERROR = "inference_error"
 
 
 def dead_letter_value(
-    value: bytes | None, reason: str, source: Source, error: Exception | None = None
+    value: bytes | None,
+    reason: str,
+    source: Source,
+    error: BaseException | None = None,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
 ) -> bytes:
-    """The original payload travels along: as text when it is UTF-8, else base64. An inference
-    error adds the exception's type and message, for whoever replays the dead letters."""
-    payload: str | None
+    """The original payload travels along: as text when it is UTF-8, else base64, its first
+    `max_payload_bytes` at most, with the original length and sha256 so that whoever replays
+    the dead letters can tell it was cut and find the original. An error adds the exception's
+    type and message."""
+    payload: str | None = None
     encoding = "utf-8"
-    if value is None:
-        payload = None
-    else:
+    letter: dict[str, Any] = {"error": reason, "source": source.as_dict()}
+    if value is not None:
+        kept = value[:max_payload_bytes]
         try:
-            payload = value.decode("utf-8")
+            value.decode("utf-8")
+            payload = kept.decode("utf-8", errors="ignore")  # a character cut at the end
         except UnicodeDecodeError:
-            payload, encoding = base64.b64encode(value).decode(), "base64"
-    letter: dict[str, Any] = {
-        "error": reason,
-        "payload": payload,
-        "payload_encoding": encoding,
-        "source": source.as_dict(),
-    }
+            payload, encoding = base64.b64encode(kept).decode(), "base64"
+        if len(value) > max_payload_bytes:
+            letter["payload_truncated"] = True
+            letter["payload_bytes"] = len(value)
+            letter["payload_sha256"] = hashlib.sha256(value).hexdigest()
+    letter["payload"] = payload
+    letter["payload_encoding"] = encoding
     if error is not None:
-        letter["exception"] = {"type": type(error).__name__, "message": str(error)}
-    return json.dumps(letter).encode()
+        message = str(error)[:MAX_EXCEPTION_CHARS]
+        letter["exception"] = {"type": type(error).__name__, "message": message}
+    return json.dumps(letter, ensure_ascii=False).encode()

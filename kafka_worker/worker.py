@@ -15,13 +15,13 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import BrokerResponseError, CommitFailedError, KafkaError
+from aiokafka.errors import BrokerResponseError, CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
@@ -31,8 +31,12 @@ from kafka_worker.messages import INFERENCE_ERROR, Rejected, Source, TextMessage
 from kafka_worker.metrics import WorkerMetrics
 from kubesentiment.settings import Settings
 from runners.prediction import Prediction
+from runners.windowing import Windowing
 
 log = structlog.get_logger("kafka_worker")
+T = TypeVar("T")
+UNDELIVERABLE = "undeliverable"
+"""The reason of a message whose result or dead letter the brokers refused for good."""
 MAX_BACKOFF_S = 30.0
 BROKER_CHECK_S = 2.0
 
@@ -61,9 +65,12 @@ class FinishBatchBeforeRevoke(ConsumerRebalanceListener):
 
 
 class Worker:
-    def __init__(self, settings: Settings, engine: Scorer, model: dict[str, str]) -> None:
+    def __init__(
+        self, settings: Settings, engine: Scorer, model: dict[str, str], windowing: Windowing
+    ) -> None:
         self.settings = settings
         self.engine = engine
+        self.windowing = windowing
         self.model = model
         self.metrics = WorkerMetrics()
         self.stopping = asyncio.Event()
@@ -216,46 +223,55 @@ class Worker:
         batches: dict[TopicPartition, list[ConsumerRecord]],
     ) -> None:
         started = time.perf_counter()
+        # A partition revoked while this batch was fetched belongs to another worker now: its
+        # records are that worker's to score (and ours could no longer be committed).
+        assigned = consumer.assignment()
+        batches = {tp: part for tp, part in batches.items() if tp in assigned}
         records = [record for part in batches.values() for record in part]
-        good: list[tuple[ConsumerRecord, Source, TextMessage]] = []
+        parsed: list[tuple[ConsumerRecord, Source, TextMessage]] = []
         bad: list[tuple[ConsumerRecord, Source, Rejected]] = []
         for record in records:
             source = Source(record.topic, record.partition, record.offset)
-            parsed = messages.parse(record.value, source, self.settings.max_text_chars)
-            if isinstance(parsed, TextMessage):
-                good.append((record, source, parsed))
+            message = messages.parse(record.value, source, self.settings.max_text_chars)
+            if isinstance(message, TextMessage):
+                parsed.append((record, source, message))
             else:
-                bad.append((record, source, parsed))
-        outcomes: Sequence[Prediction | Exception] = []
-        if good:
-            outcomes = await asyncio.get_running_loop().run_in_executor(
-                self.executor, score_isolating_failures, self.engine, [m.text for _, _, m in good]
-            )
+                bad.append((record, source, message))
+        good: list[tuple[ConsumerRecord, Source, TextMessage]] = []
+        costs: list[int] = []
+        measured = await self.in_executor(self.windowing.costs, [m.text for _, _, m in parsed])
+        for (record, source, message), cost in zip(parsed, measured, strict=True):
+            if cost > self.settings.max_text_tokens:
+                bad.append((record, source, Rejected("text_too_long")))
+            else:
+                good.append((record, source, message))
+                costs.append(cost)
+        outcomes = await self.score([m.text for _, _, m in good], costs)
 
-        acks = []
+        acks: list[tuple[ConsumerRecord, Source, asyncio.Future[Any]]] = []
         dead_letters = [rejected.reason for _, _, rejected in bad]
         for (record, source, message), outcome in zip(good, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 log.warning(
                     "the engine failed on a message", source=source.as_dict(), error=repr(outcome)
                 )
-                acks.append(
-                    await self.dead_letter(producer, record, source, INFERENCE_ERROR, outcome)
-                )
+                letter = await self.dead_letter(producer, record, source, INFERENCE_ERROR, outcome)
+                acks.append((record, source, letter))
                 dead_letters.append(INFERENCE_ERROR)
             else:
                 value = messages.result_value(message, outcome, self.model, source)
-                acks.append(
-                    await producer.send(self.settings.kafka_output_topic, value, key=record.key)
-                )
+                topic = self.settings.kafka_output_topic
+                acks.append((record, source, await self.send(producer, topic, value, record.key)))
         for record, source, rejected in bad:
-            acks.append(await self.dead_letter(producer, record, source, rejected.reason))
-        await asyncio.gather(*acks)  # stored on the brokers: only now may offsets move on
+            letter = await self.dead_letter(producer, record, source, rejected.reason)
+            acks.append((record, source, letter))
+        await self.confirm(producer, acks, dead_letters)
+        # stored on the brokers: only now may offsets move on
 
         offsets = {tp: OffsetAndMetadata(part[-1].offset + 1, "") for tp, part in batches.items()}
         try:
             await consumer.commit(offsets)
-        except CommitFailedError as err:  # the group moved on; these records come back again
+        except (CommitFailedError, IllegalStateError) as err:  # the group moved on meanwhile
             log.warning(
                 "commit failed after a rebalance; batch will be re-delivered", error=str(err)
             )
@@ -266,23 +282,91 @@ class Worker:
             seconds=time.perf_counter() - started,
         )
 
+    async def in_executor(self, work: Callable[[list[str]], list[T]], texts: list[str]) -> list[T]:
+        """`work(texts)` in the inference thread, so that the event loop keeps heartbeats going."""
+        if not texts:
+            return []
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work, texts)
+
+    async def score(self, texts: list[str], costs: Sequence[int]) -> list[Prediction | Exception]:
+        """Outcomes per text, scored MAX_BATCH_TOKENS at a time: one model call holds a bounded
+        amount of work and memory, and the liveness heartbeat moves between calls."""
+        outcomes: list[Prediction | Exception] = []
+        start = 0
+        while start < len(texts):
+            end, tokens = start + 1, costs[start]
+            while end < len(texts) and tokens + costs[end] <= self.settings.max_batch_tokens:
+                tokens += costs[end]
+                end += 1
+            outcomes += await self.in_executor(
+                lambda chunk: list(score_isolating_failures(self.engine, chunk)), texts[start:end]
+            )
+            self.heartbeat = time.monotonic()
+            start = end
+        return outcomes
+
+    async def send(
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]:
+        """A send whose future carries every failure: aiokafka raises some at once (a message
+        over max_request_size), an outage raises here so that run() reconnects."""
+        try:
+            return await producer.send(topic, value, key=key, headers=headers)
+        except KafkaError as err:
+            if err.retriable:
+                raise
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(err)
+            return failed
+
+    async def confirm(
+        self,
+        producer: AIOKafkaProducer,
+        acks: list[tuple[ConsumerRecord, Source, asyncio.Future[Any]]],
+        dead_letters: list[str],
+    ) -> None:
+        """Wait until every result and dead letter is stored. One the brokers refuse for good (a
+        reason other than availability: too large, say) becomes a small dead letter without the
+        payload, `undeliverable`; only an outage, or a dead-letter topic that refuses even that,
+        raises (and the batch comes again)."""
+        outcomes = await asyncio.gather(*(ack for _, _, ack in acks), return_exceptions=True)
+        fallbacks = []
+        for (record, source, _), outcome in zip(acks, outcomes, strict=True):
+            if isinstance(outcome, KafkaError) and not outcome.retriable:
+                log.warning(
+                    "the broker refused a message for good; dead-lettering it without payload",
+                    source=source.as_dict(),
+                    error=repr(outcome),
+                )
+                fallbacks.append(
+                    await self.dead_letter(producer, record, source, UNDELIVERABLE, outcome, 0)
+                )
+                dead_letters.append(UNDELIVERABLE)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        await asyncio.gather(*fallbacks)
+
     async def dead_letter(
         self,
         producer: AIOKafkaProducer,
         record: ConsumerRecord,
         source: Source,
         reason: str,
-        error: Exception | None = None,
+        error: BaseException | None = None,
+        max_payload_bytes: int = messages.MAX_PAYLOAD_BYTES,
     ) -> asyncio.Future[Any]:
         """Send one dead letter; the future resolves when the brokers have stored it."""
         headers = [("error", reason.encode())]
         if error is not None:
             headers.append(("exception", type(error).__name__.encode()))
-        return await producer.send(
-            self.settings.kafka_dlq_topic,
-            messages.dead_letter_value(record.value, reason, source, error),
-            key=record.key,
-            headers=headers,
+        value = messages.dead_letter_value(record.value, reason, source, error, max_payload_bytes)
+        return await self.send(
+            producer, self.settings.kafka_dlq_topic, value, record.key, headers=headers
         )
 
     async def broker_reachable(self, producer: AIOKafkaProducer) -> bool:

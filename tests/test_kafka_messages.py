@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Sequence
 
@@ -42,10 +43,40 @@ SOURCE = Source("sentiment-requests", 2, 41)
         (b'{"id": "a1", "text": "  \\n "}', Rejected("empty_text")),
         (b"   ", Rejected("empty_text")),
         (b"x" * 101, Rejected("text_too_long")),
+        # Hostile: each once stopped a partition (the parser raised, the worker died on it)
+        (b"[" * 100_000, Rejected("bad_json")),  # RecursionError
+        (b'{"id": ' + b"9" * 5000 + b', "text": "hi"}', Rejected("bad_json")),  # int limit
+        (b'{"id": "' + b"i" * 257 + b'", "text": "hi"}', Rejected("id_too_long")),
+        (b'{"id": {"a": "b"}, "text": "hi"}', TextMessage("{'a': 'b'}", "hi")),
     ],
 )
 def test_parse(value: bytes | None, expected: TextMessage | Rejected) -> None:
     assert parse(value, SOURCE, max_chars=100) == expected
+
+
+def test_any_unexpected_failure_while_parsing_is_a_rejection_not_a_crash() -> None:
+    class Exploding(bytes):
+        """A fake: stands in for a parser fault that no real payload reproduces reliably."""
+
+        def decode(self, *args: object, **kwargs: object) -> str:
+            raise MemoryError("the parser ran out of memory")
+
+    assert parse(Exploding(b"x"), SOURCE, max_chars=100) == Rejected("bad_message")
+
+
+def test_a_dead_letter_of_a_huge_payload_is_cut_with_its_length_and_hash() -> None:
+    """100,000 emoji (400 KB) once made a 1.2 MB dead letter, over the producer's limit."""
+    value = ("😍" * 100_000).encode()
+    letter = dead_letter_value(value, "text_too_long", SOURCE, max_payload_bytes=65_536)
+    assert len(letter) < 70_000
+    parsed = json.loads(letter)
+    assert parsed["payload_truncated"] is True and parsed["payload_bytes"] == len(value)
+    assert parsed["payload_sha256"] == hashlib.sha256(value).hexdigest()
+    assert parsed["payload"] == "😍" * (65_536 // 4) and parsed["payload_encoding"] == "utf-8"
+    small = json.loads(dead_letter_value(b"short", "bad_json", SOURCE))
+    assert "payload_truncated" not in small and small["payload"] == "short"
+    binary = json.loads(dead_letter_value(b"\xff" * 10, "not_utf8", SOURCE, max_payload_bytes=4))
+    assert base64.b64decode(binary["payload"]) == b"\xff" * 4 and binary["payload_bytes"] == 10
 
 
 def test_result_carries_id_sentiment_model_and_source() -> None:

@@ -5,6 +5,7 @@ errors."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import signal
 import time
@@ -188,6 +189,48 @@ def test_a_poison_message_is_dead_lettered_and_its_batch_mates_scored(broker: Ta
         assert letter["_headers"] == {"error": b"inference_error", "exception": b"RuntimeError"}
         assert letter["exception"]["type"] == "RuntimeError"
         assert marker in letter["exception"]["message"] and marker in letter["payload"]
+
+
+def test_hostile_messages_are_dead_lettered_and_the_worker_scores_everything_else(
+    broker: TansuBroker,
+) -> None:
+    """The issue's producer: among 2,000 ordinary messages, JSON nested 100,000 deep (a
+    RecursionError once killed the worker, and every worker after it on that offset), an id of
+    5,000 digits (beyond Python's int-string limit), 100,000 emoji (400 KB: its dead letter was
+    1.2 MB, over the producer's limit, and the worker re-sent the batch for ever) and 20,000
+    emoji (within the characters, far over MAX_TEXT_TOKENS)."""
+    messages = [
+        (f"key-{i}".encode(), json.dumps({"id": f"msg-{i}", "text": f"Film {i}: warm"}).encode())
+        for i in range(2000)
+    ]
+    hostile = {
+        b"deep": b"[" * 100_000,
+        b"long-id": b'{"id": ' + b"7" * 5000 + b', "text": "fine"}',
+        b"emoji-400k": ("😍" * 100_000).encode(),
+        b"emoji-tokens": json.dumps({"id": "e", "text": "😍" * 20_000}).encode(),
+    }
+    for n, item in enumerate(hostile.items()):
+        messages.insert(300 + 400 * n, item)
+    sent = asyncio.run(produce(broker.bootstrap, TOPICS[0], messages))
+    worker = WorkerProcess(broker, 9216)
+    try:
+        items = outputs(broker.bootstrap, set(sent), timeout=240)
+        assert worker.proc.poll() is None and worker.probe("/readyz") == 200
+    finally:
+        assert worker.stop() == 0
+    assert sources(items) == Counter(sent)  # every input exactly once, nothing lost
+    letters = {i["_key"]: i for i in items if i["_topic"] == TOPICS[2]}
+    assert {key: letter["error"] for key, letter in letters.items()} == {
+        b"deep": "bad_json",
+        b"long-id": "bad_json",
+        b"emoji-400k": "text_too_long",
+        b"emoji-tokens": "text_too_long",
+    }
+    big = letters[b"emoji-400k"]
+    assert big["payload_truncated"] is True and big["payload_bytes"] == 400_000
+    assert big["payload_sha256"] == hashlib.sha256(hostile[b"emoji-400k"]).hexdigest()
+    results = [i for i in items if i["_topic"] == TOPICS[1]]
+    assert len(results) == 2000 and {r["id"] for r in results} == {f"msg-{i}" for i in range(2000)}
 
 
 def test_a_broken_model_stops_the_worker_and_dead_letters_nothing(broker: TansuBroker) -> None:
