@@ -26,6 +26,7 @@ from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
@@ -85,6 +86,19 @@ async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     """The same {"error": ...} body as every other error of the API, routing's 404 and 405 (with
     their Allow header) included."""
     return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+@read_api.exception_handler(SQLAlchemyError)
+async def job_store_failed(_: Request, exc: SQLAlchemyError) -> JSONResponse:
+    """The database went away while a job endpoint used it: 503, and the service goes on."""
+    return JSONResponse(
+        {"error": job_store_unavailable(exc)}, status_code=503, headers={"Retry-After": "5"}
+    )
+
+
+def job_store_unavailable(exc: SQLAlchemyError) -> str:
+    log.warning("job store failed", error=f"{type(exc).__name__}: {exc}")
+    return f"job store unavailable ({type(exc).__name__}); retry later"
 
 
 @read_api.exception_handler(RequestValidationError)
@@ -230,7 +244,15 @@ class Sentiment:
         self.jobs = JobStore(
             database_url(url.get_secret_value() if url else None, settings.jobs_db),
             lease_seconds=settings.job_lease.total_seconds(),
+            migrate_now=False,
         )
+        try:  # once now; if the database is away, the job loop keeps trying with backoff
+            self.jobs.migrate()
+        except SQLAlchemyError as err:
+            log.warning(
+                "job store unavailable: serving predictions, jobs once it answers",
+                error=f"{type(err).__name__}: {err}",
+            )
         self.job_loop = JobLoop(
             self.jobs,
             lambda texts: self.score(texts, bulk=True),
@@ -370,11 +392,16 @@ class Sentiment:
         """Queue up to MAX_JOB_TEXTS texts; poll /api/v1/batch/status/{job_id}."""
         if not self.accepting:
             return unavailable(ctx, "shutting down; retry on another replica")
+        if (problem := self.job_store_problem) is not None:
+            return unavailable(ctx, problem)
         try:  # refused now rather than failed later: every text must fit MAX_TEXT_TOKENS
             await self.costs(texts)
         except TextTooLong as err:
             return error(ctx, 400, err.naming("texts"))
-        job = await asyncio.to_thread(self.jobs.create, texts)
+        try:
+            job = await asyncio.to_thread(self.jobs.create, texts)
+        except SQLAlchemyError as err:
+            return unavailable(ctx, job_store_unavailable(err))
         self.metrics.jobs.labels("submitted").inc()
         self.job_loop.wakeup.set()
         ctx.response.status_code = 202
@@ -399,10 +426,23 @@ class Sentiment:
             self.key_watch.stop()
         log.info("shut down cleanly")
 
+    @property
+    def job_store_problem(self) -> str | None:
+        """Why jobs cannot be served now: the store has not been reached since the start."""
+        if self.jobs.migrated:
+            return None
+        return f"job store unavailable: {self.job_loop.error or 'connecting'}; retry later"
+
+    def job_store(self) -> JobStore:
+        """The store, for the job endpoints; 503 while it has not been reached yet."""
+        if (problem := self.job_store_problem) is not None:
+            raise HTTPException(503, problem, headers={"Retry-After": "5"})
+        return self.jobs
+
     def find_job(self, job_id: str) -> Job | None:
         """The job, or None for an id that is not one of ours (without asking the database:
         a NUL or a huge id would make PostgreSQL fail instead of answering "no such job")."""
-        return self.jobs.get(job_id) if JOB_ID.fullmatch(job_id) else None
+        return self.job_store().get(job_id) if JOB_ID.fullmatch(job_id) else None
 
     @read_api.get(
         "/batch/status/{job_id}",
@@ -430,7 +470,7 @@ class Sentiment:
         job = self.find_job(job_id)
         if job is None:
             raise HTTPException(404, f"no batch job with id {job_id!r}")
-        rows = self.jobs.results(job_id, offset, limit)
+        rows = self.job_store().results(job_id, offset, limit)
         items = [
             JobResultItem(index=r.index, text=r.text, sentiment=sentiment(r.label, r.score))
             for r in rows
@@ -452,7 +492,7 @@ class Sentiment:
     )
     def delete_job(self, job_id: str) -> Response:
         """Cancel a queued or running job and delete it with its texts and results."""
-        if not JOB_ID.fullmatch(job_id) or not self.jobs.delete(job_id):
+        if not JOB_ID.fullmatch(job_id) or not self.job_store().delete(job_id):
             raise HTTPException(404, f"no batch job with id {job_id!r}")
         log.info("batch job deleted", job_id=job_id)
         return Response(status_code=204)
@@ -471,6 +511,8 @@ class Sentiment:
             reason = "shutting down"
         elif self.secrets_problem is not None:
             reason = self.secrets_problem
+        elif self.job_store_problem is not None:
+            reason = self.job_store_problem
         elif loop.state in ("retrying", "stopped"):
             reason = f"batch job loop {loop.state}" + (f" after {loop.error}" if loop.error else "")
         body = Health(

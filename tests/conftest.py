@@ -3,6 +3,7 @@ the real pipeline (a few hundred sentences, seconds), so tests never touch your 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -114,15 +115,14 @@ def jobs_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def service(small_model: StoredModel, jobs_db: Path) -> Iterator[Server]:
-    """The entry service with the default back end (ONNX int8). The queue limit is lowered so
-    that overload is reachable with a handful of requests (a 256-text batch of the tests' short
-    sentences is about 3,600 tokens), and a model call may hold 64 long texts, so that a test
-    can keep the model busy for seconds with one request."""
+    """The entry service with the default back end (ONNX int8). A model call may hold 64 long
+    texts, so that one request keeps the model busy for seconds, and the queue holds a little
+    more than one such request, so that overload is reachable with a few."""
     server = Server(
         "service:Sentiment",
         3210,
         JOBS_DB=str(jobs_db),
-        MAX_QUEUED_TOKENS="4500",
+        MAX_QUEUED_TOKENS="60000",
         MAX_BATCH_TOKENS="1000000",
     )
     yield server.start()
@@ -132,10 +132,10 @@ def service(small_model: StoredModel, jobs_db: Path) -> Iterator[Server]:
 POSTGRES_PORT = 15433
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster from Debian's `postgresql` package on a loopback port, for
-    the whole run; yields an admin URL. initdb refuses root, so as root it runs as `postgres`."""
+@contextlib.contextmanager
+def postgres_cluster(port: int) -> Iterator[str]:
+    """A throwaway PostgreSQL cluster from Debian's `postgresql` package on a loopback port;
+    yields an admin URL. initdb refuses root, so as root it runs as `postgres`."""
     bindir = max(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
     data = Path(tempfile.mkdtemp(prefix="kubesentiment-pg-"))
     as_owner: list[str] = []
@@ -147,14 +147,21 @@ def postgres() -> Iterator[str]:
         subprocess.run([*as_owner, *command], check=True, stdout=subprocess.DEVNULL)
 
     run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "app")
-    options = f"-p {POSTGRES_PORT} -k {data} -c listen_addresses=127.0.0.1"
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
     pg_ctl = (str(bindir / "pg_ctl"), "-D", str(data))
     run(*pg_ctl, "-o", options, "-l", str(data / "log"), "-w", "start")
     try:
-        yield f"postgresql://app@127.0.0.1:{POSTGRES_PORT}/postgres"
+        yield f"postgresql://app@127.0.0.1:{port}/postgres"
     finally:
         run(*pg_ctl, "-m", "fast", "-w", "stop")
         shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """The run's PostgreSQL cluster, for the whole run."""
+    with postgres_cluster(POSTGRES_PORT) as url:
+        yield url
 
 
 def fresh_database(admin_url: str) -> str:
@@ -229,6 +236,7 @@ def openbao() -> Iterator[OpenBao]:
 
 # Every server, broker, worker, venv and Bento of the suite needs one of these (a served model,
 # the database cluster or the Vault server): a test that uses none starts nothing.
+# (A test that starts a cluster of its own with postgres_cluster() also uses small_model.)
 STARTS_SOMETHING = {"small_model", "postgres", "openbao"}
 
 

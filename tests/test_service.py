@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from runners.model_store import StoredModel
-from tests.conftest import Server
+from tests.conftest import Server, postgres_cluster
 
 TEXTS = [
     "I love this movie, it was wonderful!",
@@ -135,7 +135,12 @@ def test_health_model_info_and_metrics(service: Server, small_model: StoredModel
     assert health["status"] == "ok" and health["model_loaded"] is True
     assert health["model_version"] == small_model.version and health["uptime_seconds"] >= 0
     assert health["jobs"] == {"state": "running", "error": None}
-    assert set(health["queue"]) == {"interactive_texts", "bulk_texts", "requests_in_flight"}
+    assert set(health["queue"]) == {
+        "interactive_texts",
+        "interactive_tokens",
+        "bulk_texts",
+        "requests_in_flight",
+    }
     info = httpx.get(service.url + "/api/v1/model-info").json()
     assert info["tag"] == small_model.tag and info["labels"] == ["NEGATIVE", "POSITIVE"]
     assert info["max_length"] == 128 and info["normalize_text"] is True
@@ -239,7 +244,8 @@ def test_batches_larger_than_one_form_under_concurrent_load(service: Server) -> 
 
 
 def test_overload_gets_a_prompt_503_with_retry_after(service: Server) -> None:
-    big = {"texts": [f"{TEXTS[i % 4]} {i}" for i in range(256)]}
+    # About 200 tokens a text, 51,000 a request: one fits the queue (60,000), two do not
+    big = {"texts": [f"{i} {' '.join(TEXTS * 4)}" for i in range(256)]}
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda _: post(service, "/api/v1/predict/batch", big), range(8)))
     codes = sorted(r.status_code for r in responses)
@@ -363,6 +369,40 @@ def test_job_loop_survives_its_database_failing_and_health_says_so(
     assert wait_for_job(service, job["job_id"])["status"] == "completed"
 
 
+def test_a_database_down_at_start_leaves_predictions_up_and_jobs_follow_once_it_is_there(
+    small_model: StoredModel,
+) -> None:
+    """JOBS_DATABASE_URL points at a closed port: the service used to hang in its constructor
+    (the migrations) and answered nothing. Now predictions are served at once; the job endpoints
+    and health answer 503 naming the job store; and once PostgreSQL comes up there, jobs work
+    without a restart."""
+    port = 15434
+    server = Server(
+        "service:Sentiment", 3232, JOBS_DATABASE_URL=f"postgresql://app@127.0.0.1:{port}/postgres"
+    )
+    started = time.monotonic()
+    server.start()
+    try:
+        assert time.monotonic() - started < 120
+        assert post(server, "/api/v1/predict", {"text": "A fine film."}).status_code == 200
+        assert post(server, "/api/v1/predict/batch", {"texts": TEXTS}).status_code == 200
+        assert httpx.get(server.url + "/api/v1/model-info").status_code == 200
+        submitted = post(server, "/api/v1/batch/predict", {"texts": TEXTS})
+        assert submitted.status_code == 503 and "job store" in submitted.json()["error"]
+        status = httpx.get(f"{server.url}/api/v1/batch/status/{'0' * 32}")
+        assert status.status_code == 503 and status.headers["Retry-After"] == "5"
+        eventually(lambda: health(server).json()["jobs"]["state"] == "retrying", "retrying")
+        body = health(server).json()
+        assert health(server).status_code == 503 and "job store" in body["reason"]
+        with postgres_cluster(port):
+            eventually(lambda: health(server).status_code == 200, "connected", timeout=120)
+            job = post(server, "/api/v1/batch/predict", {"texts": TEXTS})
+            assert job.status_code == 202
+            assert wait_for_job(server, job.json()["job_id"])["status"] == "completed"
+    finally:
+        server.stop()
+
+
 def job_texts_rows(db: Path, job_id: str) -> int:
     with sqlite3.connect(db) as con:
         (count,) = con.execute(
@@ -457,6 +497,7 @@ def test_texts_of_a_client_that_hung_up_are_dropped_not_scored(service: Server) 
     eventually(lambda: metric("kubesentiment_dropped_texts_total") == dropped_before + 7, "dropped")
     assert health(service).json()["queue"] == {
         "interactive_texts": 0,
+        "interactive_tokens": 0,
         "bulk_texts": 0,
         "requests_in_flight": 0,
     }

@@ -2,7 +2,7 @@
 it), scores it through the bulk lane of the scheduler and stores the results. Every worker
 process of every replica runs one; they share the work through the store.
 
-It is supervised: an error outside one job (the database went away, a disk filled up) is logged
+It is supervised: an error outside one job (the database is away, a disk filled up) is logged
 and retried with backoff instead of ending the loop for good, and `state` says so, for the
 health endpoint. It stops cleanly: `stop()` lets the chunk in flight finish and be saved, so a
 job interrupted by a shutdown resumes after the restart without scoring any text twice.
@@ -76,8 +76,12 @@ class JobLoop:
         self.state = "stopped"
 
     async def step(self) -> bool:
-        """One unit of work: delete expired jobs when due, then claim and score one chunk of the
-        oldest unfinished job. False when there was nothing to claim."""
+        """One unit of work: bring the store's schema up to date if it is not yet (the database
+        may have been away when the service started), delete expired jobs when due, then claim
+        and score one chunk of the oldest unfinished job. False when there was nothing to claim."""
+        if not self.store.migrated:
+            await asyncio.to_thread(self.store.migrate)
+            log.info("job store ready")
         if time.monotonic() >= self.next_purge:
             cutoff = time.time() - self.retention.total_seconds()
             if expired := await asyncio.to_thread(self.store.purge, cutoff):

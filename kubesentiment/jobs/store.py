@@ -28,6 +28,7 @@ from runners.prediction import Prediction
 JobState = Literal["queued", "running", "completed", "failed"]
 UNFINISHED = ("queued", "running")
 MIGRATIONS = Path(__file__).with_name("migrations")
+CONNECT_TIMEOUT_S = 10  # an unreachable database host fails the attempt instead of hanging it
 MIGRATION_LOCK = 7_305_613  # any constant: PostgreSQL's advisory lock id for schema upgrades
 
 # The tables as the queries see them; migrations/ creates and upgrades them.
@@ -92,10 +93,19 @@ def database_url(url: str | None, sqlite_file: Path) -> str:
 
 
 def create_engine(url: str) -> sa.Engine:
+    """hide_parameters: SQLAlchemy would put the statement's parameters (users' texts) into
+    every exception message, and exception messages reach logs."""
     if not url.startswith("sqlite"):
-        return sa.create_engine(url, pool_pre_ping=True)
+        return sa.create_engine(
+            url,
+            pool_pre_ping=True,
+            hide_parameters=True,
+            connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
+        )
     Path(sa.make_url(url).database or "").parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    engine = sa.create_engine(
+        url, hide_parameters=True, connect_args={"check_same_thread": False, "timeout": 30}
+    )
 
     @sa.event.listens_for(engine, "connect")
     def configure(connection: Any, _: Any) -> None:
@@ -124,10 +134,19 @@ def migrate(engine: sa.Engine) -> None:
 
 
 class JobStore:
-    def __init__(self, url: str, lease_seconds: float = 30.0) -> None:
+    """`migrate_now=False` connects nothing until `migrate()`: the service starts, and serves
+    predictions, while the database is away; its job loop migrates, with backoff, once it can."""
+
+    def __init__(self, url: str, lease_seconds: float = 30.0, migrate_now: bool = True) -> None:
         self.engine = create_engine(url)
         self.lease_seconds = lease_seconds
+        self.migrated = False
+        if migrate_now:
+            self.migrate()
+
+    def migrate(self) -> None:
         migrate(self.engine)
+        self.migrated = True
 
     def create(self, job_texts: Sequence[str]) -> Job:
         now = time.time()
