@@ -5,10 +5,12 @@ result is stored once whatever the workers do, and deleted or expired jobs leave
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -159,3 +161,43 @@ def test_a_database_from_before_versioning_is_upgraded_in_place(tmp_path: Path) 
     finished = store.save(chunk, [POSITIVE])
     assert finished is not None and (finished.status, finished.done) == ("completed", 2)
     store.close()
+
+
+def test_deleting_a_job_while_its_chunk_is_saved_does_not_deadlock_on_postgresql(
+    postgres: str,
+) -> None:
+    """The race, forced in the order that deadlocked: a third connection holds the job's row,
+    DELETE queues for it first, then the chunk's save arrives (it used to lock the chunk's texts
+    before queueing for the job's row); then the row is let go. Each must finish without
+    PostgreSQL's deadlock detector killing one: delete wins, save finds the job gone."""
+    url = fresh_database(postgres)
+    store = JobStore(database_url(url, Path()))
+    try:
+        job = store.create([f"text {i}" for i in range(40)])
+        chunk = store.claim("worker", 20)
+        assert chunk is not None
+        outcomes: dict[str, object] = {}
+
+        def run(name: str, work: Callable[[], object]) -> None:
+            try:
+                outcomes[name] = work()
+            except Exception as err:  # what the test reports
+                outcomes[name] = err
+
+        with psycopg.connect(url) as holder:
+            holder.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job.id,))
+            deleting = threading.Thread(target=run, args=("delete", lambda: store.delete(job.id)))
+            deleting.start()
+            time.sleep(0.5)  # DELETE is queued for the job's row
+            saving = threading.Thread(
+                target=run, args=("save", lambda: store.save(chunk, [POSITIVE] * 20))
+            )
+            saving.start()
+            time.sleep(0.5)
+            holder.commit()  # let go of the row: the two transactions meet
+        deleting.join(30)
+        saving.join(30)
+        assert outcomes == {"delete": True, "save": None}
+        assert store.get(job.id) is None and store.results(job.id, 0, 100) == []
+    finally:
+        store.close()

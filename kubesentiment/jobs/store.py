@@ -180,12 +180,14 @@ class JobStore:
             )
             .order_by(jobs.c.created)
             .limit(1)
-            .scalar_subquery()
         )
         with self.engine.begin() as db:
+            job_id = db.scalar(oldest)
+            if job_id is None or not self._lock_job(db, job_id):
+                return None
             rows = db.execute(
                 sa.select(texts.c.job_id, texts.c.idx, texts.c.text)
-                .where(texts.c.job_id == oldest, claimable)
+                .where(texts.c.job_id == job_id, claimable)
                 .order_by(texts.c.idx)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
@@ -219,6 +221,8 @@ class JobStore:
         deleted meanwhile."""
         stored = 0
         with self.engine.begin() as db:
+            if not self._lock_job(db, chunk.job_id):
+                return None
             for idx, prediction in zip(chunk.indices, predictions, strict=True):
                 stored += db.execute(
                     texts.update()
@@ -255,9 +259,20 @@ class JobStore:
     def delete(self, job_id: str) -> bool:
         """Remove a job, its texts and its results, whatever its state; False if unknown."""
         with self.engine.begin() as db:
-            found = db.execute(jobs.delete().where(jobs.c.id == job_id)).rowcount > 0
+            if not self._lock_job(db, job_id):
+                return False
             db.execute(texts.delete().where(texts.c.job_id == job_id))
-        return found
+            db.execute(jobs.delete().where(jobs.c.id == job_id))
+        return True
+
+    @staticmethod
+    def _lock_job(db: sa.Connection, job_id: str) -> bool:
+        """Lock the job's row, first, in every transaction that writes the job and its texts:
+        one lock order for claim, save and delete. (Save used to lock texts then the job and
+        delete the job then its texts, which deadlocked on PostgreSQL.) False if it is gone.
+        SQLite's BEGIN IMMEDIATE serialises writers already; there this is a plain read."""
+        query = sa.select(jobs.c.id).where(jobs.c.id == job_id).with_for_update()
+        return db.execute(query).first() is not None
 
     def purge(self, finished_before: float) -> list[str]:
         """Delete completed and failed jobs last updated before `finished_before` (epoch s)."""
