@@ -65,7 +65,7 @@ from runners.engine import load_engine
 from runners.model_store import StoredModel
 from runners.prediction import Prediction
 from runners.scheduler import BatchScheduler, Overloaded, Predict, TooMuchWork
-from runners.services import runner_service
+from runners.services import RUNNER_TOKEN_HEADER, runner_service
 from runners.windowing import Windowing
 
 settings = get_settings()
@@ -290,6 +290,9 @@ class Sentiment:
         runner service (whose own batching then merges the batches of several entry pods)."""
         if self.runner is not None:
             runner = self.runner
+            if settings.runner_token is not None:  # read when the client first connects
+                token = settings.runner_token.get_secret_value()
+                runner.to_async.default_headers[RUNNER_TOKEN_HEADER] = token
 
             async def remote(texts: list[str]) -> list[Prediction]:
                 try:

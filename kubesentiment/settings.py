@@ -100,6 +100,12 @@ class Settings(BaseSettings):
     max_latency_ms: int = Field(
         default=2000, ge=1, description="Batching deadline of the runner services."
     )
+    runner_token: SecretStr | None = Field(
+        default=None,
+        description="Shared secret between the entry service and a runner service deployed "
+        "apart (RUNNER_LAYOUT=split over TCP); unset, runners take calls over a Unix socket or "
+        "from loopback only.",
+    )
 
     # HTTP API limits
     max_text_chars: int = Field(default=20_000, ge=1, description="Longest accepted text.")

@@ -108,12 +108,16 @@ def run_wrk(url: str, bodies: list[str], connections: int, seconds: int) -> dict
 
 
 @contextmanager
-def served(port: int, **env: str) -> Iterator[str]:
-    """`bentoml serve` of the service with these settings (environment variables) on top."""
+def served(
+    port: int, settings: dict[str, str] | None = None, cwd: Path = HERE.parent
+) -> Iterator[str]:
+    """`bentoml serve` of the service in `cwd` (this checkout by default) with these settings
+    (environment variables) on top."""
     url = f"http://127.0.0.1:{port}"
     bentoml = Path(sys.executable).parent / "bentoml"
     argv = [str(bentoml), "serve", "service:Sentiment", "--host", "127.0.0.1", "--port", str(port)]
-    tree = ProcessTree(argv, cwd=HERE.parent, env={**os.environ, **env}, die_with_parent=True)
+    env = {**os.environ, **(settings or {})}
+    tree = ProcessTree(argv, cwd=cwd, env=env, die_with_parent=True)
     try:
         tree.start().wait_until(
             lambda: httpx.get(f"{url}/api/v1/health", timeout=1).status_code == 200, "healthy", 120
@@ -123,10 +127,8 @@ def served(port: int, **env: str) -> Iterator[str]:
         tree.stop(whole_tree=True)
 
 
-def server_cpu_seconds(port: int) -> float:
-    """CPU seconds used so far by the `bentoml serve` listening on `port`, all its processes:
-    divided by the requests served, the CPU a request costs, a figure that other work on a
-    shared machine does not move the way it moves throughput."""
+def server_processes(port: int) -> list[psutil.Process]:
+    """Every process of the `bentoml serve` listening on `port`: the server and its workers."""
     listening = {
         c.pid
         for c in psutil.net_connections("tcp")
@@ -139,12 +141,18 @@ def server_cpu_seconds(port: int) -> float:
         while (parent := process.parent()) is not None and "bentoml" in " ".join(parent.cmdline()):
             process = parent
         roots.add(process)
+    return [p for root in roots for p in (root, *root.children(recursive=True))]
+
+
+def server_cpu_seconds(port: int) -> float:
+    """CPU seconds used so far by the `bentoml serve` listening on `port`, all its processes:
+    divided by the requests served, the CPU a request costs, a figure that other work on a
+    shared machine does not move the way it moves throughput."""
     total = 0.0
-    for root in roots:
-        for process in (root, *root.children(recursive=True)):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                times = process.cpu_times()
-                total += times.user + times.system
+    for process in server_processes(port):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
     return total
 
 

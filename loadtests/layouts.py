@@ -60,7 +60,7 @@ def settings_of(layout: str) -> dict[str, str]:
 def measure(layout: str, concurrency: list[int], seconds: int, port: int) -> list[dict[str, Any]]:
     bodies = [json.dumps({"text": t}) for t in sample_texts(512)]
     rows = []
-    with served(port, **settings_of(layout)) as url:
+    with served(port, settings_of(layout)) as url:
         run_wrk(f"{url}/api/v1/predict", bodies, 8, 2)  # warm every worker up
         for c in concurrency:
             cpu = server_cpu_seconds(port)

@@ -190,7 +190,7 @@ def service(model: StoredModel, plan: Plan) -> dict[str, Any]:
     batches = [json.dumps({"texts": texts[i : i + 32]}) for i in range(0, 512, 32)]
     result: dict[str, Any] = {}
     steps = len(plan.clients) + len(plan.long_clients) + 1
-    with served(SERVICE_PORT, HTTP_COST_PROBE="true") as url:
+    with served(SERVICE_PORT, {"HTTP_COST_PROBE": "true"}) as url:
         with tqdm(total=steps, desc="service", unit="level") as bar:
             run_wrk(f"{url}/api/v1/predict", short, 8, 2)  # warm every worker up
             result["single_short"] = []

@@ -86,9 +86,13 @@ def test_two_worker_processes_share_the_jobs_and_their_metrics_add_up(
 
 def test_the_split_layout_answers_as_the_in_process_one(service: Server, tmp_path: Path) -> None:
     """RUNNER_LAYOUT=split: `bentoml serve` starts the runner service beside the entry service,
-    which calls it once per batch."""
+    which calls it once per batch (with the internal token, which the runner checks)."""
     split = Server(
-        "service:Sentiment", 3222, RUNNER_LAYOUT="split", JOBS_DB=str(tmp_path / "jobs.db")
+        "service:Sentiment",
+        3222,
+        RUNNER_LAYOUT="split",
+        RUNNER_TOKEN=RUNNER_TOKEN,
+        JOBS_DB=str(tmp_path / "jobs.db"),
     ).start()
     texts = [f"{text} ({i})" for i, text in enumerate(TEXTS * 8)]
     try:
@@ -110,3 +114,27 @@ def test_the_split_layout_answers_as_the_in_process_one(service: Server, tmp_pat
         if abs(positive(local) - 0.5) > 0.05:
             labels = {x["sentiment"]["label"] for x in (local, remote, queued)}
             assert len(labels) == 1, (local, remote, queued)
+
+
+RUNNER_TOKEN = "runner-token-7c1f"
+
+
+def test_a_runner_service_takes_calls_from_its_entry_service_only(small_model: StoredModel) -> None:
+    """A runner deployed apart listens on TCP and unpickles what its callers send: without the
+    internal token it answers 403 to everyone (its probes stay open), and it applies the entry
+    service's text limits itself."""
+    runner = Server("runners.services:OnnxRunner", 3233, RUNNER_TOKEN=RUNNER_TOKEN).start()
+    try:
+        url = runner.url + "/predict"
+        body = {"texts": ["A fine film."]}
+        assert httpx.post(url, json=body, timeout=30).status_code == 403
+        wrong = {"X-Runner-Token": "guess"}
+        assert httpx.post(url, json=body, headers=wrong, timeout=30).status_code == 403
+        right = {"X-Runner-Token": RUNNER_TOKEN}
+        answer = httpx.post(url, json=body, headers=right, timeout=30)
+        assert answer.status_code == 200 and answer.json()[0]["label"] in ("POSITIVE", "NEGATIVE")
+        heavy = {"texts": ["😍" * 20_000]}
+        assert httpx.post(url, json=heavy, headers=right, timeout=60).status_code == 400
+        assert httpx.get(runner.url + "/readyz", timeout=10).status_code == 200
+    finally:
+        runner.stop()
