@@ -15,12 +15,13 @@ import asyncio
 import gc
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict
 from typing import Any, TypeVar
 
 import bentoml
 import httpx
+import numpy as np
 import structlog
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -61,7 +62,7 @@ from kubesentiment.observability import (
 )
 from kubesentiment.settings import Settings, get_settings, use_local_models_only
 from kubesentiment.vault import SecretWatch, Vault, VaultError, with_vault_secrets
-from runners.engine import load_engine
+from runners.engine import SentimentEngine, load_engine
 from runners.model_store import StoredModel
 from runners.prediction import Prediction
 from runners.scheduler import BatchScheduler, Overloaded, Predict, TooMuchWork
@@ -143,6 +144,12 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T | None
     return None
 
 
+def refuse_too_long(costs: Iterable[float]) -> None:
+    for index, cost in enumerate(costs):
+        if cost > settings.max_text_tokens:
+            raise TextTooLong(index, int(cost))
+
+
 class TextTooLong(ValueError):
     """A text costs more tokens than MAX_TEXT_TOKENS allows."""
 
@@ -150,12 +157,16 @@ class TextTooLong(ValueError):
         super().__init__(index, tokens)
         self.index, self.tokens = index, tokens
 
-    def naming(self, field: str) -> str:
-        where = field if field == "text" else f"{field}[{self.index}]"
+    @property
+    def reason(self) -> str:
         return (
-            f"{where}: {self.tokens} tokens after normalisation, more than the "
+            f"{self.tokens} tokens after normalisation, more than the "
             f"{settings.max_text_tokens} a text may have (MAX_TEXT_TOKENS)"
         )
+
+    def naming(self, field: str) -> str:
+        where = field if field == "text" else f"{field}[{self.index}]"
+        return f"{where}: {self.reason}"
 
 
 def sentiment(label: str, score: float) -> SentimentScore:
@@ -232,6 +243,7 @@ class Sentiment:
         self.metrics = get_metrics()
         self.model = StoredModel.from_bentoml(self.model_ref)
         self.windowing = Windowing.of(self.model)  # what a text costs, in either layout
+        self.engine: SentimentEngine | None = None  # the model in process: load_predict()
         self.scheduler = BatchScheduler(
             self.load_predict(),
             settings.max_batch_size,
@@ -285,9 +297,11 @@ class Sentiment:
         configure_logging()
         open_secrets()
 
-    def load_predict(self) -> Predict:
-        """What the scheduler calls with each batch: the engine, or one HTTP call per batch to the
-        runner service (whose own batching then merges the batches of several entry pods)."""
+    def load_predict(self) -> Predict[Any, Any]:
+        """What the scheduler calls with each batch: in process, the model on a batch of windows
+        (so that a long text's windows can ride in several batches, and no batch is longer than
+        MAX_BATCH_TOKENS); in the split layout, one HTTP call per batch of texts to the runner
+        service (whose own batching merges the batches of several entry pods)."""
         if self.runner is not None:
             runner = self.runner
             if settings.runner_token is not None:  # read when the client first connects
@@ -310,7 +324,8 @@ class Sentiment:
             observe_batch=self.metrics.observe_batch,
         )
         engine.predict(["warm-up"])  # first call allocates; don't bill it to a user
-        return engine.predict
+        self.engine = engine
+        return lambda windows: list(engine.probabilities(windows))
 
     def __is_ready__(self) -> bool:
         """BentoML's /readyz: not ready once shutdown began, or once the API keys from Vault
@@ -323,20 +338,29 @@ class Sentiment:
     def secrets_problem(self) -> str | None:
         return self.key_watch.stale if self.key_watch is not None else None
 
-    async def costs(self, texts: list[str]) -> list[int]:
-        """Tokens per text; a text over MAX_TEXT_TOKENS raises TextTooLong. Long inputs are
-        measured off the event loop, which serves everyone else meanwhile."""
+    async def off_the_loop(self, work: Callable[[list[str]], T], texts: list[str]) -> T:
+        """`work(texts)` (tokenising), in a thread when the texts are long: the event loop
+        serves everyone else meanwhile."""
         if sum(map(len, texts)) <= INLINE_MEASURE_CHARS:
-            costs = self.windowing.costs(texts)
-        else:
-            costs = await asyncio.to_thread(self.windowing.costs, texts)
-        for index, cost in enumerate(costs):
-            if cost > settings.max_text_tokens:
-                raise TextTooLong(index, cost)
-        return costs
+            return work(texts)
+        return await asyncio.to_thread(work, texts)
+
+    async def measure(self, texts: list[str]) -> list[int]:
+        """Tokens per text."""
+        return await self.off_the_loop(self.windowing.costs, texts)
 
     async def score(self, texts: list[str], bulk: bool = False) -> list[Prediction]:
-        predictions = await self.scheduler.submit(texts, await self.costs(texts), bulk=bulk)
+        """Predictions; a text over MAX_TEXT_TOKENS raises TextTooLong."""
+        if self.engine is None:  # split layout: texts go to the runner service
+            costs = await self.measure(texts)
+            refuse_too_long(costs)
+            predictions: list[Prediction] = await self.scheduler.submit(texts, costs, bulk=bulk)
+        else:
+            windows, owners = await self.off_the_loop(self.windowing.windows, texts)
+            lengths = [len(window.ids) for window in windows]
+            refuse_too_long(np.bincount(owners, weights=lengths, minlength=len(texts)))
+            probabilities = await self.scheduler.submit(windows, lengths, bulk=bulk)
+            predictions = self.engine.fold(np.array(probabilities), windows, owners, len(texts))
         self.metrics.observe_predictions(texts, predictions, settings.backend)
         return predictions
 
@@ -397,12 +421,15 @@ class Sentiment:
             return unavailable(ctx, "shutting down; retry on another replica")
         if (problem := self.job_store_problem) is not None:
             return unavailable(ctx, problem)
-        try:  # refused now rather than failed later: every text must fit MAX_TEXT_TOKENS
-            await self.costs(texts)
-        except TextTooLong as err:
-            return error(ctx, 400, err.naming("texts"))
+        # A text over MAX_TEXT_TOKENS fails alone, with the reason; the rest of the job goes on.
+        costs = await self.measure(texts)
+        refused = {
+            i: f"text_too_long: {TextTooLong(i, cost).reason}"
+            for i, cost in enumerate(costs)
+            if cost > settings.max_text_tokens
+        }
         try:
-            job = await asyncio.to_thread(self.jobs.create, texts)
+            job = await asyncio.to_thread(self.jobs.create, texts, refused)
         except SQLAlchemyError as err:
             return unavailable(ctx, job_store_unavailable(err))
         self.metrics.jobs.labels("submitted").inc()
@@ -475,7 +502,9 @@ class Sentiment:
             raise HTTPException(404, f"no batch job with id {job_id!r}")
         rows = self.job_store().results(job_id, offset, limit)
         items = [
-            JobResultItem(index=r.index, text=r.text, sentiment=sentiment(r.label, r.score))
+            JobResultItem(index=r.index, text=r.text, error=r.error)
+            if r.error is not None or r.label is None or r.score is None
+            else JobResultItem(index=r.index, text=r.text, sentiment=sentiment(r.label, r.score))
             for r in rows
         ]
         return JobResults(

@@ -121,10 +121,10 @@ class Settings(BaseSettings):
         "5,000); a longer one gets 400, a dead letter text_too_long in Kafka.",
     )
     max_batch_tokens: int = Field(
-        default=4096,
+        default=2048,
         ge=1,
-        description="Tokens per model call: larger requests are split across calls, and others "
-        "board between them; one text above it goes alone.",
+        description="Tokens per model call: larger requests, and long texts' windows, are split "
+        "across calls, and others board between them.",
     )
     max_queued_tokens: int = Field(
         default=65_536,

@@ -91,7 +91,11 @@ def peak_pss_mib(port: int, url: str) -> tuple[float, list[int]]:
 
 def measure(name: str, cwd: Path, seconds: int) -> dict[str, Any]:
     bodies = [json.dumps({"text": t}) for t in sample_texts(512)]
-    with served(PORT, cwd=cwd) as url:
+    # A job store of its own: revisions may differ in its schema
+    with (
+        tempfile.TemporaryDirectory(prefix="kubesentiment-versus-") as scratch,
+        served(PORT, {"JOBS_DB": f"{scratch}/jobs.db"}, cwd=cwd) as url,
+    ):
         run_wrk(f"{url}/api/v1/predict", bodies, 32, 3)  # warm-up
         row = latency_row(run_wrk(f"{url}/api/v1/predict", bodies, 32, seconds))
         pss, codes = peak_pss_mib(PORT, url)

@@ -157,10 +157,19 @@ class SentimentEngine:
         if not texts:
             return []
         windows, owners = self.windows(texts)
+        return self.fold(self.probabilities(windows), windows, owners, len(texts))
+
+    def fold(
+        self,
+        window_probs: np.ndarray,
+        windows: Sequence[Encoding],
+        owners: Sequence[int],
+        texts: int,
+    ) -> list[Prediction]:
+        """One prediction per text from the probabilities of its windows, which may have been
+        scored in several calls (the entry service's scheduler splits long work)."""
         tokens = np.array([len(w.ids) for w in windows])
-        totals = fold_windows(
-            self.probabilities(windows), owners, tokens, len(texts), self.window_aggregation
-        )
+        totals = fold_windows(window_probs, owners, tokens, texts, self.window_aggregation)
         best = totals.argmax(axis=1)
         return [Prediction(self.labels[int(b)], float(totals[i, b])) for i, b in enumerate(best)]
 

@@ -22,8 +22,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-
-from runners.prediction import Prediction
+from typing import Generic, TypeVar
 
 
 class Overloaded(Exception):
@@ -35,24 +34,24 @@ class TooMuchWork(Exception):
     """One request costs more than the whole queue may hold: it can never be admitted."""
 
 
-Predict = (
-    Callable[[list[str]], list[Prediction]] | Callable[[list[str]], Awaitable[list[Prediction]]]
-)
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+Predict = Callable[[list[Item]], list[Result]] | Callable[[list[Item]], Awaitable[list[Result]]]
 """Scores one batch: a plain function runs in the inference thread (the model in process); a
 coroutine function is awaited on the event loop (a call to a model elsewhere)."""
 
 
 @dataclass
-class _Request:
-    texts: Sequence[str]
-    costs: Sequence[int]  # tokens per text (runners/windowing.py)
-    future: asyncio.Future[list[Prediction]]
+class _Request(Generic[Item, Result]):
+    texts: Sequence[Item]  # texts, or the windows of texts (the model in process)
+    costs: Sequence[int]  # tokens each (runners/windowing.py)
+    future: asyncio.Future[list[Result]]
     bulk: bool
-    boarded: int = 0  # texts already taken into a batch, in order
-    scored: list[Prediction] = field(default_factory=list)
+    boarded: int = 0  # items already taken into a batch, in order
+    scored: list[Result] = field(default_factory=list)
 
     def left(self) -> tuple[int, int]:
-        """Texts and tokens not yet in a batch."""
+        """Items and tokens not yet in a batch."""
         return len(self.texts) - self.boarded, sum(self.costs[self.boarded :])
 
 
@@ -66,18 +65,18 @@ class QueueState:
     requests_in_flight: int  # submitted and not yet answered: waiting or being scored
 
 
-class BatchScheduler:
+class BatchScheduler(Generic[Item, Result]):
     """`max_batch_size` texts and `max_batch_tokens` tokens at most per model call (a single
-    text above the token budget goes alone); `max_queued_tokens` of interactive work waiting at
+    item above the token budget goes alone); `max_queued_tokens` of interactive work waiting at
     most. A request larger than one batch is split across batches, and smaller requests board
     between its pieces, so no request holds the model for more than one bounded batch."""
 
     def __init__(
         self,
-        predict: Predict,
+        predict: Predict[Item, Result],
         max_batch_size: int,
         max_queued_tokens: int,
-        max_batch_tokens: int = 4096,
+        max_batch_tokens: int = 2048,
         observe_queue: Callable[[QueueState], None] | None = None,
         observe_dropped: Callable[[int], None] | None = None,
     ) -> None:
@@ -92,18 +91,18 @@ class BatchScheduler:
         self.in_flight = 0
         self.observe_queue = observe_queue
         self.observe_dropped = observe_dropped
-        self._interactive: deque[_Request] = deque()
-        self._bulk: deque[_Request] = deque()
+        self._interactive: deque[_Request[Item, Result]] = deque()
+        self._bulk: deque[_Request[Item, Result]] = deque()
         self._wakeup = asyncio.Event()
         # One inference thread: the model uses every core already, and the event loop stays free.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._loop_task: asyncio.Task[None] | None = None
 
     async def submit(
-        self, texts: Sequence[str], costs: Sequence[int] | None = None, bulk: bool = False
-    ) -> list[Prediction]:
-        """The predictions of `texts`, whose `costs` (tokens each; one each if not given) decide
-        how they are batched and whether an interactive request is admitted at all."""
+        self, texts: Sequence[Item], costs: Sequence[int] | None = None, bulk: bool = False
+    ) -> list[Result]:
+        """The results of `texts` (or windows), whose `costs` (tokens each; one each if not
+        given) decide how they are batched and whether an interactive request is admitted."""
         costs = [1] * len(texts) if costs is None else costs
         tokens = sum(costs)
         if not bulk and tokens > self.max_queued_tokens:
@@ -147,7 +146,7 @@ class BatchScheduler:
         if self.observe_queue is not None:
             self.observe_queue(self.state)
 
-    def _left_the_queue(self, request: _Request, upto: int) -> None:
+    def _left_the_queue(self, request: _Request[Item, Result], upto: int) -> None:
         """Texts of `request` up to `upto` boarded a batch (or were dropped)."""
         if request.bulk:
             self.queued_bulk_texts -= upto - request.boarded
@@ -156,16 +155,16 @@ class BatchScheduler:
             self.queued_tokens -= sum(request.costs[request.boarded : upto])
         request.boarded = upto
 
-    def _next_batch(self) -> list[tuple[_Request, int, int]]:
+    def _next_batch(self) -> list[tuple[_Request[Item, Result], int, int]]:
         """The next model call as (request, first text, end) pieces. The interactive lane boards
         first. In each lane, every request that fits whole boards, in the order they came;
         then the first one that does not fit fills what is left with a piece of itself and
         keeps its place. So a small request always boards the next batch, and a large one
         moves on one bounded piece per batch."""
-        pieces: list[tuple[_Request, int, int]] = []
+        pieces: list[tuple[_Request[Item, Result], int, int]] = []
         texts = tokens = 0
         for lane in (self._interactive, self._bulk):
-            waiting: deque[_Request] = deque()
+            waiting: deque[_Request[Item, Result]] = deque()
             for request in lane:
                 if request.future.done():  # the caller went away, or a batch of it failed
                     dropped, _ = request.left()

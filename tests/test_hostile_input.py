@@ -1,8 +1,8 @@
 """Valid-looking input that costs a lot cannot stall the service: work is counted in tokens. A
-text over MAX_TEXT_TOKENS is refused at once, a request over the whole queue gets 413, and a
-heavy request within the limits is scored in bounded pieces while single texts are answered
-between them. The server runs with the default limits and two worker processes, as `make run`
-does."""
+text over MAX_TEXT_TOKENS is refused at once (in a batch job it fails alone), a request over
+the whole queue gets 413, and a heavy request within the limits is scored in bounded pieces
+while single texts are answered between them. The server runs with the default limits and two
+worker processes, as `make run` does."""
 
 from __future__ import annotations
 
@@ -92,8 +92,22 @@ def test_a_request_larger_than_the_whole_queue_gets_413_at_once(defaults: str) -
     assert "MAX_QUEUED_TOKENS" in response.json()["error"]
 
 
-def test_a_job_with_a_text_over_the_token_limit_is_refused_naming_it(defaults: str) -> None:
+def test_a_text_over_the_token_limit_fails_alone_in_a_job_and_the_rest_is_scored(
+    defaults: str,
+) -> None:
     texts = ["A fine film.", EMOJI_TEXT, "A dull one."]
     response, _ = post(defaults, "/api/v1/batch/predict", {"texts": texts})
-    assert response.status_code == 400
-    assert response.json()["error"].startswith("texts[1]: ")
+    assert response.status_code == 202
+    job_id = response.json()["job_id"]
+    deadline = time.monotonic() + 60
+    while (status := httpx.get(f"{defaults}/api/v1/batch/status/{job_id}").json())[
+        "status"
+    ] != "completed":
+        assert time.monotonic() < deadline and status["status"] != "failed", status
+        time.sleep(0.2)
+    results = httpx.get(f"{defaults}/api/v1/batch/results/{job_id}").json()["results"]
+    assert [r["index"] for r in results] == [0, 1, 2]
+    assert results[1]["sentiment"] is None
+    assert results[1]["error"].startswith("text_too_long: ")
+    assert "MAX_TEXT_TOKENS" in results[1]["error"]
+    assert all(results[i]["sentiment"]["label"] and results[i]["error"] is None for i in (0, 2))

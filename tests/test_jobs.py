@@ -201,3 +201,20 @@ def test_deleting_a_job_while_its_chunk_is_saved_does_not_deadlock_on_postgresql
         assert store.get(job.id) is None and store.results(job.id, 0, 100) == []
     finally:
         store.close()
+
+
+def test_a_refused_text_fails_alone_is_never_claimed_and_counts_as_done(store: JobStore) -> None:
+    job = store.create(["fine", "far too long", "dull"], refused={1: "text_too_long: 9000 tokens"})
+    assert (job.status, job.done) == ("queued", 1)
+    chunk = store.claim("worker", 10)
+    assert chunk is not None and chunk.indices == [0, 2]
+    saved = store.save(chunk, [POSITIVE, POSITIVE])
+    assert saved is not None and (saved.status, saved.done) == ("completed", 3)
+    results = store.results(job.id, 0, 10)
+    assert [(r.index, r.label, r.error) for r in results] == [
+        (0, "POSITIVE", None),
+        (1, None, "text_too_long: 9000 tokens"),
+        (2, "POSITIVE", None),
+    ]
+    only_refused = store.create(["x"], refused={0: "text_too_long"})
+    assert only_refused.status == "completed" and store.claim("worker", 10) is None

@@ -80,9 +80,12 @@ class JobStatus(BaseModel):
 
 
 class JobResultItem(BaseModel):
+    """A scored text, or one that failed alone (its `error` says why; the job went on)."""
+
     index: int
     text: str
-    sentiment: SentimentScore
+    sentiment: SentimentScore | None = None
+    error: str | None = Field(default=None, examples=[None])
 
 
 class JobResults(BaseModel):
@@ -100,11 +103,15 @@ class JobLoopHealth(BaseModel):
 
 
 class QueueHealth(BaseModel):
-    interactive_texts: int = Field(description="Texts of /predict calls waiting for a batch")
+    interactive_texts: int = Field(
+        description="Texts of /predict calls waiting for a batch (a long text: its windows)"
+    )
     interactive_tokens: int = Field(
         description="Their tokens, which admission control counts (MAX_QUEUED_TOKENS)"
     )
-    bulk_texts: int = Field(description="Texts of batch jobs waiting for a batch")
+    bulk_texts: int = Field(
+        description="Texts of batch jobs waiting for a batch (a long text: its windows)"
+    )
     requests_in_flight: int = Field(description="Requests waiting or being scored")
 
 

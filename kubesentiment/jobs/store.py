@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +54,7 @@ texts = sa.Table(
     sa.Column("score", sa.Float),
     sa.Column("lease_owner", sa.String(64)),
     sa.Column("lease_until", sa.Float),
+    sa.Column("error", sa.Text),
 )
 
 
@@ -79,10 +80,13 @@ class Chunk:
 
 @dataclass(frozen=True)
 class JobResult:
+    """A scored text (label and score), or one that failed alone (error)."""
+
     index: int
     text: str
-    label: str
-    score: float
+    label: str | None
+    score: float | None
+    error: str | None
 
 
 def database_url(url: str | None, sqlite_file: Path) -> str:
@@ -148,14 +152,22 @@ class JobStore:
         migrate(self.engine)
         self.migrated = True
 
-    def create(self, job_texts: Sequence[str]) -> Job:
+    def create(self, job_texts: Sequence[str], refused: Mapping[int, str] | None = None) -> Job:
+        """A queued job; the texts at the indices of `refused` fail alone, with that reason, and
+        count as done from the start (a job of only those is completed at once)."""
+        refused = refused or {}
         now = time.time()
-        job = Job(uuid.uuid4().hex, "queued", len(job_texts), 0, now, now, None)
+        done = len(refused)
+        status: JobState = "completed" if done == len(job_texts) else "queued"
+        job = Job(uuid.uuid4().hex, status, len(job_texts), done, now, now, None)
         with self.engine.begin() as db:
             db.execute(jobs.insert().values(**asdict(job)))
             db.execute(
                 texts.insert(),
-                [{"job_id": job.id, "idx": i, "text": text} for i, text in enumerate(job_texts)],
+                [
+                    {"job_id": job.id, "idx": i, "text": text, "error": refused.get(i)}
+                    for i, text in enumerate(job_texts)
+                ],
             )
         return job
 
@@ -170,6 +182,7 @@ class JobStore:
         now = time.time()
         claimable = sa.and_(
             texts.c.label.is_(None),
+            texts.c.error.is_(None),
             sa.or_(texts.c.lease_until.is_(None), texts.c.lease_until < now),
         )
         oldest = (
@@ -288,9 +301,10 @@ class JobStore:
 
     def results(self, job_id: str, offset: int, limit: int) -> list[JobResult]:
         with self.engine.connect() as db:
+            done = sa.or_(texts.c.label.is_not(None), texts.c.error.is_not(None))
             rows = db.execute(
-                sa.select(texts.c.idx, texts.c.text, texts.c.label, texts.c.score)
-                .where(texts.c.job_id == job_id, texts.c.label.is_not(None), texts.c.idx >= offset)
+                sa.select(texts.c.idx, texts.c.text, texts.c.label, texts.c.score, texts.c.error)
+                .where(texts.c.job_id == job_id, done, texts.c.idx >= offset)
                 .order_by(texts.c.idx)
                 .limit(limit)
             ).all()
