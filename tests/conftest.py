@@ -116,14 +116,15 @@ def jobs_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def service(small_model: StoredModel, jobs_db: Path) -> Iterator[Server]:
     """The entry service with the default back end (ONNX int8). A model call may hold 64 long
-    texts, so that one request keeps the model busy for seconds, and the queue holds a little
-    more than one such request, so that overload is reachable with a few."""
+    texts (512 windows), so that one request keeps the model busy for seconds, and the queue
+    holds a little more than one such request, so that overload is reachable with a few."""
     server = Server(
         "service:Sentiment",
         3210,
         JOBS_DB=str(jobs_db),
         MAX_QUEUED_TOKENS="60000",
         MAX_BATCH_TOKENS="1000000",
+        MAX_BATCH_SIZE="512",
     )
     yield server.start()
     server.stop()
