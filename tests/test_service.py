@@ -353,7 +353,8 @@ def test_job_loop_survives_its_database_failing_and_health_says_so(
     service: Server, jobs_db: Path
 ) -> None:
     """A real database fault, caused from outside as a botched migration would: the jobs table
-    disappears. The loop used to die on it for good while health kept saying ok."""
+    disappears. The loop used to die on it for good while health kept saying ok, and the job
+    endpoints answered 500."""
     with sqlite3.connect(jobs_db) as db:
         db.execute("ALTER TABLE jobs RENAME TO jobs_hidden")
     try:
@@ -361,6 +362,12 @@ def test_job_loop_survives_its_database_failing_and_health_says_so(
         body = health(service).json()
         assert body["status"] == "unavailable" and body["jobs"]["state"] == "retrying"
         assert "no such table: jobs" in body["reason"] and "no such table" in body["jobs"]["error"]
+        # The job endpoints answer 503 meanwhile, not 500; predictions go on
+        submitted = post(service, "/api/v1/batch/predict", {"texts": TEXTS})
+        assert submitted.status_code == 503 and "job store" in submitted.json()["error"]
+        status = httpx.get(f"{service.url}/api/v1/batch/status/{'0' * 32}")
+        assert status.status_code == 503 and status.headers["Retry-After"] == "5"
+        assert post(service, "/api/v1/predict", {"text": "Still here."}).status_code == 200
     finally:
         with sqlite3.connect(jobs_db) as db:
             db.execute("ALTER TABLE jobs_hidden RENAME TO jobs")
