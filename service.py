@@ -144,12 +144,6 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T | None
     return None
 
 
-def refuse_too_long(costs: Iterable[float]) -> None:
-    for index, cost in enumerate(costs):
-        if cost > settings.max_text_tokens:
-            raise TextTooLong(index, int(cost))
-
-
 class TextTooLong(ValueError):
     """A text costs more tokens than MAX_TEXT_TOKENS allows."""
 
@@ -167,6 +161,13 @@ class TextTooLong(ValueError):
     def naming(self, field: str) -> str:
         where = field if field == "text" else f"{field}[{self.index}]"
         return f"{where}: {self.reason}"
+
+
+def refuse_too_long(costs: Iterable[float]) -> None:
+    """Raise TextTooLong for the first text that costs more than MAX_TEXT_TOKENS."""
+    for index, cost in enumerate(costs):
+        if cost > settings.max_text_tokens:
+            raise TextTooLong(index, int(cost))
 
 
 def sentiment(label: str, score: float) -> SentimentScore:
@@ -360,7 +361,7 @@ class Sentiment:
             lengths = [len(window.ids) for window in windows]
             refuse_too_long(np.bincount(owners, weights=lengths, minlength=len(texts)))
             probabilities = await self.scheduler.submit(windows, lengths, bulk=bulk)
-            predictions = self.engine.fold(np.array(probabilities), windows, owners, len(texts))
+            predictions = self.engine.fold(np.array(probabilities), lengths, owners, len(texts))
         self.metrics.observe_predictions(texts, predictions, settings.backend)
         return predictions
 

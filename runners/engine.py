@@ -157,18 +157,20 @@ class SentimentEngine:
         if not texts:
             return []
         windows, owners = self.windows(texts)
-        return self.fold(self.probabilities(windows), windows, owners, len(texts))
+        lengths = [len(window.ids) for window in windows]
+        return self.fold(self.probabilities(windows), lengths, owners, len(texts))
 
     def fold(
         self,
         window_probs: np.ndarray,
-        windows: Sequence[Encoding],
+        lengths: Sequence[int],
         owners: Sequence[int],
         texts: int,
     ) -> list[Prediction]:
-        """One prediction per text from the probabilities of its windows, which may have been
-        scored in several calls (the entry service's scheduler splits long work)."""
-        tokens = np.array([len(w.ids) for w in windows])
+        """One prediction per text from the probabilities of its windows (each weighted by its
+        length in tokens), which may have been scored in several calls (the entry service's
+        scheduler splits long work)."""
+        tokens = np.asarray(lengths)
         totals = fold_windows(window_probs, owners, tokens, texts, self.window_aggregation)
         best = totals.argmax(axis=1)
         return [Prediction(self.labels[int(b)], float(totals[i, b])) for i, b in enumerate(best)]
