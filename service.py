@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -32,8 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from kubesentiment.api.errors import ApiErrors, readable
-from kubesentiment.api.gate import ApiGate
-from kubesentiment.api.keys import InvalidKeys, KeyRing, parse_keys
+from kubesentiment.api.gate import ApiGate, charge_tokens
+from kubesentiment.api.keys import InvalidKeys, KeyRing, key_name, parse_keys
 from kubesentiment.api.openapi import OpenApiDocument
 from kubesentiment.api.request_ids import RequestIds
 from kubesentiment.api.schemas import (
@@ -53,10 +54,19 @@ from kubesentiment.api.schemas import (
     Text,
 )
 from kubesentiment.jobs.loop import JobLoop
-from kubesentiment.jobs.store import Job, JobStore, database_url
+from kubesentiment.jobs.store import (
+    Job,
+    JobStore,
+    QuotaExceeded,
+    Quotas,
+    StoreFull,
+    database_options,
+    database_url,
+)
 from kubesentiment.observability import (
     configure_logging,
     get_metrics,
+    hide_in_logs,
     per_request_options,
     render_metrics,
 )
@@ -75,6 +85,7 @@ GC_THRESHOLDS = (100_000, 50, 1000)  # CPython's defaults: (2000, 10, 10)
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for it: nobody reads it, the logs and metrics do
 MAX_OFFSET = 2**63 - 1  # the largest integer SQLite and PostgreSQL take: more would be a 500
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # what JobStore.create makes (uuid4().hex)
+QUOTA_RETRY_S = "60"  # jobs progress, finish or are deleted: a minute is a fair first wait
 T = TypeVar("T")
 INLINE_MEASURE_CHARS = 4096  # longer inputs are tokenised in a thread, off the event loop
 # The API keys valid now, shared with the ApiGate middleware; Vault's refresh replaces them.
@@ -98,7 +109,10 @@ async def job_store_failed(_: Request, exc: SQLAlchemyError) -> JSONResponse:
 
 
 def job_store_unavailable(exc: SQLAlchemyError) -> str:
-    log.warning("job store failed", error=f"{type(exc).__name__}: {exc}")
+    """The answer to a client when the database failed: its class, never its message (which
+    may name the database's host, user and SQL). The log has the whole error, the database's
+    address hidden."""
+    log.warning("job store failed", exc_info=exc)
     return f"job store unavailable ({type(exc).__name__}); retry later"
 
 
@@ -170,6 +184,17 @@ def refuse_too_long(costs: Iterable[float]) -> None:
             raise TextTooLong(index, int(cost))
 
 
+class OverTokenRate(Exception):
+    """The caller has spent its tokens per minute (RATE_LIMIT_TOKENS_PER_MINUTE)."""
+
+
+def charge(caller: Request | None, tokens: int) -> None:
+    """Charge a request's tokens to its caller's bucket, the same count admission control uses;
+    job texts (no caller) are bounded by the job quotas instead."""
+    if caller is not None and (refusal := charge_tokens(caller, tokens)) is not None:
+        raise OverTokenRate(refusal)
+
+
 def sentiment(label: str, score: float) -> SentimentScore:
     return SentimentScore.model_validate({"label": label, "score": score})
 
@@ -203,6 +228,16 @@ def load_api_keys(vault: Vault | None) -> SecretWatch | None:
         raise InvalidKeys("API_AUTH is on but there are no API keys (API_KEYS or Vault)")
     log.info("API keys loaded", names=API_KEYS.names, source="vault" if watch else "env")
     return watch
+
+
+def forget_api_keys() -> None:
+    """In a worker, once its key ring holds the keys' digests: drop the keys from the environment
+    and the settings, so that nothing the worker runs or prints later (a subprocess, a dump of
+    its settings) finds them. `bentoml serve` itself keeps them, to start workers again."""
+    global settings
+    os.environ.pop("API_KEYS", None)
+    get_settings.cache_clear()
+    settings = get_settings()
 
 
 def open_secrets() -> tuple[Settings, SecretWatch | None]:
@@ -239,6 +274,7 @@ class Sentiment:
         use_local_models_only()
         configure_logging()
         secrets, self.key_watch = open_secrets()
+        forget_api_keys()
         if self.key_watch is not None:
             self.key_watch.start()
         self.metrics = get_metrics()
@@ -254,17 +290,22 @@ class Sentiment:
             observe_dropped=self.metrics.dropped_texts.inc,
         )
         url = secrets.jobs_database_url
+        jobs_url = database_url(url.get_secret_value() if url else None, settings.jobs_db)
+        hide_in_logs(jobs_url)
         self.jobs = JobStore(
-            database_url(url.get_secret_value() if url else None, settings.jobs_db),
+            jobs_url,
             lease_seconds=settings.job_lease.total_seconds(),
             migrate_now=False,
+            quotas=Quotas(
+                settings.job_quota_texts, settings.job_quota_bytes, settings.jobs_max_stored_bytes
+            ),
+            options=database_options(settings),
         )
         try:  # once now; if the database is away, the job loop keeps trying with backoff
             self.jobs.migrate()
         except SQLAlchemyError as err:
             log.warning(
-                "job store unavailable: serving predictions, jobs once it answers",
-                error=f"{type(err).__name__}: {err}",
+                "job store unavailable: serving predictions, jobs once it answers", exc_info=err
             )
         self.job_loop = JobLoop(
             self.jobs,
@@ -287,7 +328,7 @@ class Sentiment:
             "model loaded",
             tag=self.model.tag,
             backend=settings.backend,
-            jobs=self.jobs.engine.url.render_as_string(hide_password=True),
+            jobs=self.jobs.engine.url.get_backend_name(),
         )
 
     @bentoml.on_deployment
@@ -350,16 +391,22 @@ class Sentiment:
         """Tokens per text."""
         return await self.off_the_loop(self.windowing.costs, texts)
 
-    async def score(self, texts: list[str], bulk: bool = False) -> list[Prediction]:
-        """Predictions; a text over MAX_TEXT_TOKENS raises TextTooLong."""
+    async def score(
+        self, texts: list[str], bulk: bool = False, caller: Request | None = None
+    ) -> list[Prediction]:
+        """Predictions; a text over MAX_TEXT_TOKENS raises TextTooLong. The tokens are charged
+        to the `caller`'s tokens per minute once they are measured and found within the limits
+        (OverTokenRate when there are not enough left)."""
         if self.engine is None:  # split layout: texts go to the runner service
             costs = await self.measure(texts)
             refuse_too_long(costs)
+            charge(caller, sum(costs))
             predictions: list[Prediction] = await self.scheduler.submit(texts, costs, bulk=bulk)
         else:
             windows, owners = await self.off_the_loop(self.windowing.windows, texts)
             lengths = [len(window.ids) for window in windows]
             refuse_too_long(np.bincount(owners, weights=lengths, minlength=len(texts)))
+            charge(caller, sum(lengths))
             probabilities = await self.scheduler.submit(windows, lengths, bulk=bulk)
             predictions = self.engine.fold(np.array(probabilities), lengths, owners, len(texts))
         self.metrics.observe_predictions(texts, predictions, settings.backend)
@@ -374,14 +421,17 @@ class Sentiment:
         self, ctx: bentoml.Context, texts: list[str], field: str
     ) -> list[Prediction] | Any:
         """The predictions of a caller's texts, or the error answer to return instead: a text
-        over MAX_TEXT_TOKENS (400), more work than may ever queue (413), shutting down or
-        overloaded (both 503), or the client went away before its turn."""
+        over MAX_TEXT_TOKENS (400), more work than may ever queue (413), over the caller's
+        tokens per minute (429), shutting down or overloaded (both 503), or the client went away
+        before its turn."""
         if not self.accepting:
             return unavailable(ctx, "shutting down; retry on another replica")
         try:
-            scored = await unless_client_leaves(ctx.request, self.score(texts))
+            scored = await unless_client_leaves(ctx.request, self.score(texts, caller=ctx.request))
         except TextTooLong as err:
             return error(ctx, 400, err.naming(field))
+        except OverTokenRate as err:
+            return error(ctx, 429, str(err))
         except TooMuchWork as err:
             return error(ctx, 413, str(err))
         except Overloaded as err:
@@ -429,8 +479,13 @@ class Sentiment:
             for i, cost in enumerate(costs)
             if cost > settings.max_text_tokens
         }
+        owner = key_name(ctx.request) if settings.api_auth else None
         try:
-            job = await asyncio.to_thread(self.jobs.create, texts, refused)
+            job = await asyncio.to_thread(self.jobs.create, texts, refused, owner)
+        except QuotaExceeded as err:
+            return error(ctx, 413 if err.never else 429, str(err), **{"Retry-After": QUOTA_RETRY_S})
+        except StoreFull as err:
+            return error(ctx, 503, str(err), **{"Retry-After": QUOTA_RETRY_S})
         except SQLAlchemyError as err:
             return unavailable(ctx, job_store_unavailable(err))
         self.metrics.jobs.labels("submitted").inc()
@@ -470,21 +525,26 @@ class Sentiment:
             raise HTTPException(503, problem, headers={"Retry-After": "5"})
         return self.jobs
 
-    def find_job(self, job_id: str) -> Job | None:
-        """The job, or None for an id that is not one of ours (without asking the database:
-        a NUL or a huge id would make PostgreSQL fail instead of answering "no such job")."""
-        return self.job_store().get(job_id) if JOB_ID.fullmatch(job_id) else None
+    def find_job(self, job_id: str, request: Request) -> Job:
+        """The job, if the caller may see it: its own (the key that created it), or any with an
+        admin key or with auth off. Otherwise 404, exactly as for an id that is not one of ours,
+        so that ids tell nothing across keys. (A malformed id is not looked up: a NUL or a huge
+        id would make PostgreSQL fail instead of answering "no such job".)"""
+        job = self.job_store().get(job_id) if JOB_ID.fullmatch(job_id) else None
+        caller = key_name(request)
+        if job is None or not (
+            not settings.api_auth or caller in settings.api_admin_keys or job.owner == caller
+        ):
+            raise HTTPException(404, f"no batch job with id {job_id!r}")
+        return job
 
     @read_api.get(
         "/batch/status/{job_id}",
         response_model=JobStatus,
         responses={404: {"description": "Unknown job id"}},
     )
-    def batch_status(self, job_id: str) -> JobStatus:
-        job = self.find_job(job_id)
-        if job is None:
-            raise HTTPException(404, f"no batch job with id {job_id!r}")
-        return job_status(job)
+    def batch_status(self, job_id: str, request: Request) -> JobStatus:
+        return job_status(self.find_job(job_id, request))
 
     @read_api.get(
         "/batch/results/{job_id}",
@@ -494,14 +554,21 @@ class Sentiment:
     def batch_results(
         self,
         job_id: str,
+        request: Request,
         offset: int = Query(0, ge=0, le=MAX_OFFSET),
         limit: int = Query(1000, ge=1, le=10_000),
     ) -> JobResults:
-        """Scored texts of a job, in input order, a page at a time (partial while running)."""
-        job = self.find_job(job_id)
-        if job is None:
-            raise HTTPException(404, f"no batch job with id {job_id!r}")
-        rows = self.job_store().results(job_id, offset, limit)
+        """Scored texts of a job, in input order, a page at a time. While the job runs, a page
+        ends before the first text not scored yet; ask again from `next_offset` until it is
+        null, and every text comes exactly once."""
+        job = self.find_job(job_id, request)
+        running = job.status in ("queued", "running")
+        rows = self.job_store().results(job_id, offset, limit, in_order=running)
+        if running:
+            next_offset: int | None = offset + len(rows)
+        else:
+            last = rows[-1].index if rows else job.total
+            next_offset = last + 1 if len(rows) == limit and last + 1 < job.total else None
         items = [
             JobResultItem(index=r.index, text=r.text, error=r.error)
             if r.error is not None or r.label is None or r.score is None
@@ -514,6 +581,7 @@ class Sentiment:
             total=job.total,
             offset=offset,
             limit=limit,
+            next_offset=next_offset,
             results=items,
         )
 
@@ -523,9 +591,10 @@ class Sentiment:
         response_class=Response,
         responses={404: {"description": "Unknown job id"}},
     )
-    def delete_job(self, job_id: str) -> Response:
+    def delete_job(self, job_id: str, request: Request) -> Response:
         """Cancel a queued or running job and delete it with its texts and results."""
-        if not JOB_ID.fullmatch(job_id) or not self.job_store().delete(job_id):
+        self.find_job(job_id, request)
+        if not self.job_store().delete(job_id):
             raise HTTPException(404, f"no batch job with id {job_id!r}")
         log.info("batch job deleted", job_id=job_id)
         return Response(status_code=204)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import structlog
 from pydantic import ValidationError
@@ -154,6 +156,35 @@ class ClientErrors(logging.Filter):
         return True
 
 
+HIDDEN = "[hidden]"
+_hidden: re.Pattern[str] | None = None  # what hide_in_logs registered, as one pattern
+
+
+def hide_in_logs(database_url: str) -> None:
+    """Keep the database's address and password out of every log line from now on. Driver errors
+    name them ('connection to server at "db.internal", port 5432 failed'), their tracebacks are
+    logged, and logs travel further than the secrets do."""
+    global _hidden
+    url = urlsplit(database_url)
+    patterns = [re.escape(database_url)]
+    if url.password:
+        patterns.append(re.escape(url.password))
+    if url.hostname and url.port:
+        host = re.escape(url.hostname)
+        patterns.append(rf'"?{host}"?(?:,? port |:){url.port}\b')
+        patterns.append(rf"\bport {url.port}\b")
+    _hidden = re.compile("|".join(patterns))
+
+
+def hide_what_must_not_be_logged(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """The structlog processor of hide_in_logs, after the exception is formatted."""
+    if _hidden is not None:
+        for name, value in event.items():
+            if isinstance(value, str):
+                event[name] = _hidden.sub(HIDDEN, value)
+    return event
+
+
 def configure_logging(level: str = "INFO") -> None:
     """JSON logs, one event per line, ready for any log shipper: ours (structlog) and those of
     the libraries (BentoML's access log, uvicorn, aiokafka) alike. Each line carries the
@@ -163,8 +194,16 @@ def configure_logging(level: str = "INFO") -> None:
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso"),
     ]
+    # Exceptions are logged with their tracebacks (format_exc_info), after which anything that
+    # must not be logged is hidden. Texts never reach a message: SQLAlchemy hides statement
+    # parameters (jobs/store.py) and ClientErrors drops pydantic's copies of the input.
+    last: list[Any] = [
+        structlog.processors.format_exc_info,
+        hide_what_must_not_be_logged,
+        structlog.processors.JSONRenderer(),
+    ]
     structlog.configure(
-        processors=[*shared, structlog.processors.JSONRenderer()],
+        processors=[*shared, *last],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
     )
     handler = logging.StreamHandler(sys.stdout)
@@ -174,8 +213,7 @@ def configure_logging(level: str = "INFO") -> None:
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info,
-                structlog.processors.JSONRenderer(),
+                *last,
             ],
         )
     )

@@ -3,6 +3,7 @@ development), are validated once at start-up, and are documented in the README."
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from datetime import timedelta
@@ -31,6 +32,14 @@ def _comma_list(value: Any) -> Any:
         if isinstance(value, str)
         else value
     )
+
+
+def _networks(value: list[str]) -> list[str]:
+    """Each entry must be an address or a network in CIDR notation, without host bits set (a
+    typo such as 10.1.2.3/8 is refused rather than read as 10.0.0.0/8)."""
+    for item in value:
+        ipaddress.ip_network(item)
+    return value
 
 
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
@@ -150,6 +159,33 @@ class Settings(BaseSettings):
         default=timedelta(hours=24),
         description="How long finished and failed jobs (texts and results) are kept.",
     )
+    jobs_database_sslmode: (
+        Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None
+    ) = Field(
+        default=None,
+        description="TLS to PostgreSQL (libpq's sslmode); verify-full checks the server's "
+        "certificate and name against JOBS_DATABASE_SSLROOTCERT. Unset: libpq's default (prefer).",
+    )
+    jobs_database_sslrootcert: Path | None = Field(
+        default=None, description="CA bundle that signed the PostgreSQL server's certificate."
+    )
+    job_quota_texts: int = Field(
+        default=200_000,
+        ge=0,
+        description="Unfinished job texts one API key may have queued; more gets 429. 0: no bound.",
+    )
+    job_quota_bytes: int = Field(
+        default=128 * 2**20,
+        ge=0,
+        description="Bytes of job text one API key may have stored (finished jobs count until "
+        "deleted or expired); more gets 429. 0: no bound.",
+    )
+    jobs_max_stored_bytes: int = Field(
+        default=384 * 2**20,
+        ge=0,
+        description="Bytes of job text the whole service may store; more gets 503. Keep it well "
+        "under the database's volume (the SQLite file takes about 2x the text). 0: no bound.",
+    )
     shutdown_timeout: Duration = Field(
         default=timedelta(seconds=20),
         description="On SIGTERM, how long the job loop may take to finish its chunk in flight; "
@@ -167,6 +203,11 @@ class Settings(BaseSettings):
         description="name:key[,name:key...] when the keys are not in Vault. Several keys are valid "
         "at once (rotation); the name, never the key, appears in logs and metrics.",
     )
+    api_admin_keys: CommaList = Field(
+        default=[],
+        description="Names of API keys that see and delete every key's batch jobs "
+        "(comma-separated); other keys see only their own.",
+    )
     api_open_paths: CommaList = Field(
         default=["/api/v1/health", "/api/v1/metrics"],
         description="Paths under /api/v1 that need no key (comma-separated). BentoML's own "
@@ -176,10 +217,22 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         description="Requests per second per API key (per client address with auth off), "
-        "per worker process; 0 turns rate limiting off.",
+        "per pod: the worker processes share the buckets; 0 turns the request limit off.",
     )
     rate_limit_burst: int = Field(
         default=20, ge=1, description="Requests a key may send at once before the rate applies."
+    )
+    rate_limit_tokens_per_minute: int = Field(
+        default=0,
+        ge=0,
+        description="Tokens of text per minute per API key (per client address with auth off), "
+        "per pod, for /predict and /predict/batch (jobs are not counted); one request may cost "
+        "more if the key has spent nothing for a minute. 0 turns the token limit off.",
+    )
+    trusted_proxies: Annotated[CommaList, AfterValidator(_networks)] = Field(
+        default=[],
+        description="Networks (CIDR, comma-separated) of proxies whose X-Forwarded-For names the "
+        "client, for the limits with auth off; the right-most address not in them is the client.",
     )
     max_request_bytes: int = Field(
         default=32 * 2**20,

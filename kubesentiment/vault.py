@@ -5,7 +5,9 @@ worker share this module; without VAULT_ADDR both read the same secrets from the
 Start-up is strict: Vault configured but unreachable, a secret missing or denied, and the
 process stops with one line naming the path and the reason. After start-up it is forgiving: the
 API keys are re-read every VAULT_REFRESH (rotation without a restart) and a failed read keeps the
-last good keys, for up to VAULT_MAX_STALE; only then does the service report not ready.
+last good keys, for up to VAULT_MAX_STALE; only then does the service report not ready. A bad
+value read from a Vault that answers (a key too short) is not staleness: the keys stay, a
+warning names the entry, and readiness is unaffected.
 """
 
 from __future__ import annotations
@@ -166,8 +168,8 @@ class SecretWatch:
     def read(self) -> None:
         self.vault.keep_token_alive(margin_s=2 * self.refresh_s)
         secret = self.vault.read(self.path)
+        self.last_reached = time.monotonic()
         self.apply(secret)
-        self.last_read = time.monotonic()
 
     def run(self) -> None:
         while not self.stopping.wait(self.refresh_s):
@@ -184,8 +186,8 @@ class SecretWatch:
 
     @property
     def stale(self) -> str | None:
-        """Why the secrets can no longer be trusted, once the last good read is too old."""
-        age = time.monotonic() - self.last_read
+        """Why the secrets can no longer be trusted: Vault has not been reached for too long."""
+        age = time.monotonic() - self.last_reached
         if age <= self.max_stale_s:
             return None
         return f"secrets last read from vault {age:.0f} s ago ({self.error or 'no read since'})"

@@ -134,9 +134,10 @@ POSTGRES_PORT = 15433
 
 
 @contextlib.contextmanager
-def postgres_cluster(port: int) -> Iterator[str]:
+def postgres_cluster(port: int, tls: tuple[bytes, bytes] | None = None) -> Iterator[str]:
     """A throwaway PostgreSQL cluster from Debian's `postgresql` package on a loopback port;
-    yields an admin URL. initdb refuses root, so as root it runs as `postgres`."""
+    yields an admin URL. initdb refuses root, so as root it runs as `postgres`. `tls`: the
+    server's certificate chain and key (PEM), to accept TLS connections."""
     bindir = max(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
     data = Path(tempfile.mkdtemp(prefix="kubesentiment-pg-"))
     as_owner: list[str] = []
@@ -149,6 +150,13 @@ def postgres_cluster(port: int) -> Iterator[str]:
 
     run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "app")
     options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
+    if tls is not None:
+        for name, pem in zip(("server.crt", "server.key"), tls, strict=True):
+            (data / name).write_bytes(pem)
+            (data / name).chmod(0o600)  # PostgreSQL refuses a key others can read
+            if as_owner:
+                shutil.chown(data / name, "postgres")
+        options += " -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
     pg_ctl = (str(bindir / "pg_ctl"), "-D", str(data))
     run(*pg_ctl, "-o", options, "-l", str(data / "log"), "-w", "start")
     try:

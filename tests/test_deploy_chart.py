@@ -195,6 +195,10 @@ BAD_VALUES = [
         ["-f", str(PRODUCTION), *sets("secrets.vault.jobsDatabasePath=")],
         "jobsDatabase",
     ),
+    (  # verified TLS to PostgreSQL with no CA to verify against
+        ["-f", str(PRODUCTION), *sets("jobsDatabase.postgresql.tls.caSecret=")],
+        "tls.caSecret",
+    ),
 ]
 
 
@@ -291,8 +295,15 @@ def test_production_values(rendered: dict[str, list[dict[str, Any]]]) -> None:
         assert env["VAULT_API_KEYS_PATH"] == "kubesentiment/api-keys"
         assert env["VAULT_KAFKA_PATH"] == "kubesentiment/kafka"
         assert "API_KEYS" not in env and "JOBS_DATABASE_URL" not in env
-    api_env = env_of(deployments["api"]["spec"]["template"]["spec"]["containers"][0])
+    api_pod = deployments["api"]["spec"]["template"]["spec"]
+    api_env = env_of(api_pod["containers"][0])
     assert api_env["VAULT_JOBS_DATABASE_PATH"] == "kubesentiment/jobs-database"
+    # PostgreSQL over verified TLS: the CA from its Secret, where the setting says
+    assert api_env["JOBS_DATABASE_SSLMODE"] == "verify-full"
+    mounts = {m["name"]: m["mountPath"] for m in api_pod["containers"][0]["volumeMounts"]}
+    assert api_env["JOBS_DATABASE_SSLROOTCERT"].startswith(mounts["jobs-database-ca"] + "/")
+    volumes = {v["name"]: v for v in api_pod["volumes"]}
+    assert volumes["jobs-database-ca"]["secret"]["secretName"] == "jobs-database-ca"
     assert "replicas" not in deployments["api"]["spec"]  # the HPA owns it
     assert not by_kind(docs, "PersistentVolumeClaim")
 

@@ -13,10 +13,22 @@ from pathlib import Path
 import psycopg
 import pytest
 import sqlalchemy as sa
+import trustme
 
-from kubesentiment.jobs.store import Chunk, Job, JobStore, database_url, texts
+from kubesentiment.jobs.store import (
+    Chunk,
+    Job,
+    JobStore,
+    QuotaExceeded,
+    Quotas,
+    StoreFull,
+    database_options,
+    database_url,
+    texts,
+)
+from kubesentiment.settings import Settings
 from runners.prediction import Prediction
-from tests.conftest import fresh_database
+from tests.conftest import fresh_database, postgres_cluster
 
 POSITIVE = Prediction("POSITIVE", 0.9)
 
@@ -218,3 +230,94 @@ def test_a_refused_text_fails_alone_is_never_claimed_and_counts_as_done(store: J
     ]
     only_refused = store.create(["x"], refused={0: "text_too_long"})
     assert only_refused.status == "completed" and store.claim("worker", 10) is None
+
+
+def test_keys_take_turns_and_each_key_runs_its_oldest_job_first(store: JobStore) -> None:
+    big = store.create([f"a{i}" for i in range(10)], owner="alpha")
+    later = store.create(["a-later"], owner="alpha")
+    first = store.claim("w", 2)
+    assert first is not None and first.job_id == big.id
+    small = store.create(["b0", "b1", "b2"], owner="beta")
+    # beta has not had a turn: it goes next, then alpha (its oldest job), then beta again.
+    turns = [store.claim("w", 2) for _ in range(3)]
+    assert [(c.job_id, c.texts) for c in turns if c] == [
+        (small.id, ["b0", "b1"]),
+        (big.id, ["a2", "a3"]),
+        (small.id, ["b2"]),
+    ]
+    assert later.owner == "alpha" and store.get(later.id).owner == "alpha"  # type: ignore[union-attr]
+
+
+def test_quotas_bound_each_keys_unfinished_texts_and_bytes_and_the_whole_store(url: str) -> None:
+    store = JobStore(url, quotas=Quotas(texts_per_key=5, bytes_per_key=60, bytes_in_all=100))
+    store.create(["ten bytes."] * 3, owner="alpha")  # 3 texts, 30 bytes
+    with pytest.raises(QuotaExceeded) as texts_over:
+        store.create(["ten bytes."] * 3, owner="alpha")
+    assert texts_over.value.setting == "JOB_QUOTA_TEXTS" and not texts_over.value.never
+    # A refused text is done from the start: it takes no room in the queue.
+    store.create(["ten bytes."] * 3, refused={0: "text_too_long"}, owner="alpha")  # 5, 60 bytes
+    with pytest.raises(QuotaExceeded) as bytes_over:
+        store.create(["x"], owner="alpha")
+    assert bytes_over.value.setting == "JOB_QUOTA_TEXTS"
+    finished = store.claim("w", 10)
+    assert finished is not None and save_all(store, finished) is not None
+    # alpha's first job is done: the texts quota has room, but its bytes stay until deleted.
+    with pytest.raises(QuotaExceeded, match="JOB_QUOTA_BYTES") as stored:
+        store.create(["ten bytes."], owner="alpha")
+    with pytest.raises(QuotaExceeded) as alone:
+        store.create(["x" * 61], owner="beta")
+    assert stored.value.setting == "JOB_QUOTA_BYTES" and alone.value.never
+    store.create(["ten bytes."] * 3, owner="beta")  # 90 bytes in all
+    with pytest.raises(StoreFull, match="JOBS_MAX_STORED_BYTES"):
+        store.create(["ten bytes."] * 2)  # auth off: no key quota, the store's bound still holds
+    store.delete(finished.job_id)
+    store.create(["ten bytes."] * 2, owner="alpha")  # deleting made room
+    with store.engine.connect() as db:
+        assert db.scalar(sa.select(sa.func.count()).select_from(texts)) == 8
+    store.close()
+
+
+def test_a_page_of_a_running_job_ends_at_the_first_text_not_scored(store: JobStore) -> None:
+    job = store.create([f"t{i}" for i in range(6)])
+    early, late = store.claim("w1", 2), store.claim("w2", 2)
+    assert early is not None and late is not None
+    save_all(store, late)  # texts 2 and 3 finish before 0 and 1
+    assert store.results(job.id, 0, 10) == []
+    assert [r.index for r in store.results(job.id, 0, 10, in_order=False)] == [2, 3]
+    save_all(store, early)
+    assert [r.index for r in store.results(job.id, 0, 10)] == [0, 1, 2, 3]
+    assert [r.index for r in store.results(job.id, 1, 2)] == [1, 2]
+
+
+def test_postgresql_over_verified_tls_and_a_server_the_ca_did_not_sign_refused(
+    tmp_path: Path,
+) -> None:
+    ours, theirs = trustme.CA(), trustme.CA()
+    server = ours.issue_cert("127.0.0.1")
+    tls = (
+        b"".join(blob.bytes() for blob in server.cert_chain_pems),
+        server.private_key_pem.bytes(),
+    )
+    for name, ca in (("ours.pem", ours), ("theirs.pem", theirs)):
+        ca.cert_pem.write_to_path(str(tmp_path / name))
+
+    def options(ca_file: str) -> dict[str, str]:
+        tls_settings = Settings(
+            jobs_database_sslmode="verify-full", jobs_database_sslrootcert=tmp_path / ca_file
+        )
+        return database_options(tls_settings)
+
+    with postgres_cluster(15435, tls=tls) as url:
+        store = JobStore(database_url(url, Path()), options=options("ours.pem"))
+        job = store.create(["over TLS"])
+        with store.engine.connect() as db:
+            in_use = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            assert db.exec_driver_sql(in_use).scalar() is True
+        assert store.get(job.id) is not None
+        store.close()
+        impostor = JobStore(
+            database_url(url, Path()), migrate_now=False, options=options("theirs.pem")
+        )
+        with pytest.raises(sa.exc.OperationalError, match="certificate verify failed"):
+            impostor.migrate()
+        impostor.close()

@@ -62,12 +62,19 @@ def test_key_ring_names_the_key_presented_and_swaps_whole_sets() -> None:
     assert ring.identify(KEY_ALPHA) is None and ring.names == ["beta"]
 
 
-def test_key_ring_refuses_short_keys_and_odd_names_without_quoting_the_key() -> None:
-    with pytest.raises(InvalidKeys, match="'short'") as short:
-        KeyRing({"short": "abc123"})
-    assert "abc123" not in str(short.value)
-    with pytest.raises(InvalidKeys, match="name"):
-        KeyRing({"has space": KEY_ALPHA})
+def test_key_ring_skips_short_keys_and_odd_names_without_quoting_the_key(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ring = KeyRing({"short": "abc123", "has space": KEY_BETA, "alpha": KEY_ALPHA})
+    assert ring.names == ["alpha"]  # the valid entry loads; the others are skipped, named
+    warnings = capsys.readouterr().out
+    assert "'short' is shorter" in warnings and "'has space'" in warnings
+    assert "abc123" not in warnings and KEY_BETA not in warnings
+    ring.replace({"short": "abc123", "alpha": KEY_ALPHA})
+    assert capsys.readouterr().out.count("API key skipped") == 1  # once, not at every refresh
+    with pytest.raises(InvalidKeys, match="no valid API key"):
+        ring.replace({"short": "abc123"})
+    assert ring.names == ["alpha"]  # nothing valid: the keys in use stay
     with pytest.raises(InvalidKeys, match="entry 2"):
         parse_keys(f"alpha:{KEY_ALPHA},{KEY_BETA}")
 
@@ -181,6 +188,13 @@ def test_keys_rotated_in_vault_apply_without_restart_and_outlive_an_outage(
         openbao.put("kubesentiment/api-keys", ci=KEY_OLD, ci_next=KEY_NEW)
         eventually(lambda: predict(server, bearer(KEY_NEW)).status_code == 200, "new key valid")
         assert predict(server, bearer(KEY_OLD)).status_code == 200
+        openbao.put("kubesentiment/api-keys", ci_next=KEY_NEW)
+        eventually(lambda: predict(server, bearer(KEY_OLD)).status_code == 403, "old key refused")
+        # A bad entry (too short) is skipped; the rest load, and Vault answering is not stale.
+        openbao.put("kubesentiment/api-keys", ci_next=KEY_NEW, typo="short", ci_more=KEY_OLD)
+        eventually(lambda: predict(server, bearer(KEY_OLD)).status_code == 200, "valid rest loads")
+        time.sleep(7)  # past VAULT_MAX_STALE
+        assert httpx.get(server.url + "/readyz", timeout=10).status_code == 200
         openbao.put("kubesentiment/api-keys", ci_next=KEY_NEW)
         eventually(lambda: predict(server, bearer(KEY_OLD)).status_code == 403, "old key refused")
         metrics = httpx.get(server.url + "/metrics", timeout=10).text

@@ -10,8 +10,21 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 
+import structlog
+from starlette.requests import HTTPConnection
+
+log = structlog.get_logger("kubesentiment.keys")
 KEY_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 MIN_KEY_LENGTH = 16
+
+
+KEY_NAME_STATE = "api_key"  # where the gate leaves the caller's key name in the request's state
+
+
+def key_name(request: HTTPConnection) -> str | None:
+    """The name of the API key that the gate let this request in with; None with auth off."""
+    name: str | None = request.scope.get("state", {}).get(KEY_NAME_STATE)
+    return name
 
 
 class InvalidKeys(ValueError):
@@ -40,15 +53,30 @@ class KeyRing:
 
     def __init__(self, keys: Mapping[str, str] | None = None) -> None:
         self._digests: tuple[tuple[str, bytes], ...] = ()
+        self._skipped: list[str] = []  # warned about once, not at every refresh from Vault
         self.replace(keys or {})
 
     def replace(self, keys: Mapping[str, str]) -> None:
+        """Use the valid entries of `keys`; an invalid one (an odd name, a short key) is skipped
+        with a warning that names it, so that one bad entry in Vault does not lock every key out.
+        With no valid entry at all, InvalidKeys, and the keys in use stay."""
+        valid, skipped = {}, []
         for name, key in keys.items():
             if not name or not set(name) <= KEY_NAME_CHARS:
-                raise InvalidKeys(f"API key name {name!r}: use letters, digits, '-', '_', '.'")
-            if len(key) < MIN_KEY_LENGTH:
-                raise InvalidKeys(f"API key {name!r} is shorter than {MIN_KEY_LENGTH} characters")
-        self._digests = tuple((name, _digest(key)) for name, key in sorted(keys.items()))
+                problem = f"API key name {name!r}: use letters, digits, '-', '_', '.'"
+            elif len(key) < MIN_KEY_LENGTH:
+                problem = f"API key {name!r} is shorter than {MIN_KEY_LENGTH} characters"
+            else:
+                valid[name] = key
+                continue
+            skipped.append(problem)
+        if skipped != self._skipped:
+            for problem in skipped:
+                log.warning("API key skipped", problem=problem)
+        self._skipped = skipped
+        if keys and not valid:
+            raise InvalidKeys("no valid API key among the entries: every one was skipped")
+        self._digests = tuple((name, _digest(key)) for name, key in sorted(valid.items()))
 
     @property
     def names(self) -> list[str]:

@@ -60,7 +60,7 @@ class OpenApiDocument:
         refusals = {"413": "Request body larger than MAX_REQUEST_BYTES"}
         if self.policy.auth:
             refusals |= {"401": "No API key", "403": "Unknown API key"}
-        if self.policy.rate > 0:
+        if self.policy.rate > 0 or self.policy.tokens_per_minute > 0:
             refusals["429"] = "Rate limit of the key (or address) exceeded; see Retry-After"
         for path, operations in spec.get("paths", {}).items():
             if not path.startswith(API_PREFIX):

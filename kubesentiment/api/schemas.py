@@ -94,12 +94,19 @@ class JobResults(BaseModel):
     total: int
     offset: int
     limit: int
+    next_offset: int | None = Field(
+        description="Where the next page starts; null once the job is finished and this page "
+        "holds its last results",
+        json_schema_extra={"nullable": True},
+    )
     results: list[JobResultItem]
 
 
 class JobLoopHealth(BaseModel):
     state: Literal["starting", "running", "retrying", "stopped"]
-    error: str | None = Field(None, description="Why the loop is retrying, while it is")
+    error: str | None = Field(
+        None, description="The class of the error the loop is retrying after, while it is"
+    )
 
 
 class QueueHealth(BaseModel):

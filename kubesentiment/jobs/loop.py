@@ -66,7 +66,9 @@ class JobLoop:
                 worked = await self.step()
                 self.state, self.error, backoff = "running", None, MIN_BACKOFF_S
             except Exception as err:
-                self.state, self.error = "retrying", f"{type(err).__name__}: {err}"
+                # Health shows `error` to anyone: the class says what failed; the message may
+                # name the database's host, user and SQL, and goes to the log only.
+                self.state, self.error = "retrying", type(err).__name__
                 log.exception("job loop failed; retrying", retry_in_s=backoff)
                 await self.pause(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)

@@ -8,6 +8,11 @@ writers), renews it while scoring, and a chunk whose lease ran out because its w
 claimed again by another. A result is written only where none is stored yet, so every text of a
 job ends with exactly one result whatever crashes. Finished jobs are deleted after the retention
 period (`purge`), or at once on request (`delete`): user text is not kept longer than needed.
+
+With API keys on, keys are tenants: a job belongs to the key that created it (its name, in
+`owner`), each key's unfinished texts and stored bytes are bounded (`Quotas`), and the loops take
+turns between keys, whichever replica they run in: the next chunk comes from the key whose last
+turn is oldest, and within a key from its oldest job.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
+from kubesentiment.settings import Settings
 from runners.prediction import Prediction
 
 JobState = Literal["queued", "running", "completed", "failed"]
@@ -30,6 +36,8 @@ UNFINISHED = ("queued", "running")
 MIGRATIONS = Path(__file__).with_name("migrations")
 CONNECT_TIMEOUT_S = 10  # an unreachable database host fails the attempt instead of hanging it
 MIGRATION_LOCK = 7_305_613  # any constant: PostgreSQL's advisory lock id for schema upgrades
+MAX_INDEX = 2**31 - 1  # job_texts.idx is an INTEGER
+QUOTA_LOCK = 7_305_614  # with a hash of the owner: one key's submissions take turns at its quota
 
 # The tables as the queries see them; migrations/ creates and upgrades them.
 schema = sa.MetaData()
@@ -43,6 +51,9 @@ jobs = sa.Table(
     sa.Column("created", sa.Float),
     sa.Column("updated", sa.Float),
     sa.Column("error", sa.Text),
+    sa.Column("owner", sa.String(64)),
+    sa.Column("bytes", sa.BigInteger),
+    sa.Column("last_turn", sa.Float),
 )
 texts = sa.Table(
     "job_texts",
@@ -67,6 +78,43 @@ class Job:
     created: float
     updated: float
     error: str | None
+    owner: str | None = None  # the name of the API key that created it; None with auth off
+    bytes: int = 0  # of text stored, for the quotas
+
+    @classmethod
+    def of(cls, row: sa.Row[Any]) -> Job:
+        return cls(**{name: row._mapping[name] for name in JOB_FIELDS})
+
+
+JOB_FIELDS = tuple(Job.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """Bounds on what jobs may store (0: no bound). Per key: its unfinished texts and its stored
+    bytes, finished jobs included until they expire or are deleted. Service-wide: the bytes of
+    every job, kept under the volume the database lives on, so that it never fills up."""
+
+    texts_per_key: int = 0
+    bytes_per_key: int = 0
+    bytes_in_all: int = 0
+
+
+class QuotaExceeded(Exception):
+    """A key's submission over one of its quotas; `setting` names the quota."""
+
+    def __init__(self, setting: str, used: int, asked: int, limit: int) -> None:
+        unit = "texts unfinished" if setting == "JOB_QUOTA_TEXTS" else "bytes stored"
+        super().__init__(
+            f"job quota exceeded: {used} {unit} and {asked} more asked, over the {limit} a key "
+            f"may have ({setting})"
+        )
+        self.setting = setting
+        self.never = asked > limit  # too large on its own: waiting will not help
+
+
+class StoreFull(Exception):
+    """The service-wide bound on stored job bytes (JOBS_MAX_STORED_BYTES) is reached."""
 
 
 @dataclass(frozen=True)
@@ -96,15 +144,25 @@ def database_url(url: str | None, sqlite_file: Path) -> str:
     return url.replace("postgresql://", "postgresql+psycopg://", 1)
 
 
-def create_engine(url: str) -> sa.Engine:
+def database_options(settings: Settings) -> dict[str, str]:
+    """libpq's TLS options from the settings (JOBS_DATABASE_SSLMODE, JOBS_DATABASE_SSLROOTCERT)."""
+    options = {
+        "sslmode": settings.jobs_database_sslmode,
+        "sslrootcert": settings.jobs_database_sslrootcert,
+    }
+    return {name: str(value) for name, value in options.items() if value is not None}
+
+
+def create_engine(url: str, options: Mapping[str, str] | None = None) -> sa.Engine:
     """hide_parameters: SQLAlchemy would put the statement's parameters (users' texts) into
-    every exception message, and exception messages reach logs."""
+    every exception message, and exception messages reach logs. `options`: libpq connection
+    parameters (TLS) for PostgreSQL."""
     if not url.startswith("sqlite"):
         return sa.create_engine(
             url,
             pool_pre_ping=True,
             hide_parameters=True,
-            connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
+            connect_args={"connect_timeout": CONNECT_TIMEOUT_S, **(options or {})},
         )
     Path(sa.make_url(url).database or "").parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(
@@ -141,9 +199,17 @@ class JobStore:
     """`migrate_now=False` connects nothing until `migrate()`: the service starts, and serves
     predictions, while the database is away; its job loop migrates, with backoff, once it can."""
 
-    def __init__(self, url: str, lease_seconds: float = 30.0, migrate_now: bool = True) -> None:
-        self.engine = create_engine(url)
+    def __init__(
+        self,
+        url: str,
+        lease_seconds: float = 30.0,
+        migrate_now: bool = True,
+        quotas: Quotas | None = None,
+        options: Mapping[str, str] | None = None,
+    ) -> None:
+        self.engine = create_engine(url, options)
         self.lease_seconds = lease_seconds
+        self.quotas = quotas or Quotas()
         self.migrated = False
         if migrate_now:
             self.migrate()
@@ -152,15 +218,23 @@ class JobStore:
         migrate(self.engine)
         self.migrated = True
 
-    def create(self, job_texts: Sequence[str], refused: Mapping[int, str] | None = None) -> Job:
-        """A queued job; the texts at the indices of `refused` fail alone, with that reason, and
-        count as done from the start (a job of only those is completed at once)."""
+    def create(
+        self,
+        job_texts: Sequence[str],
+        refused: Mapping[int, str] | None = None,
+        owner: str | None = None,
+    ) -> Job:
+        """A queued job of `owner`; the texts at the indices of `refused` fail alone, with that
+        reason, and count as done from the start (a job of only those is completed at once).
+        Raises QuotaExceeded or StoreFull, and then stores nothing."""
         refused = refused or {}
         now = time.time()
         done = len(refused)
         status: JobState = "completed" if done == len(job_texts) else "queued"
-        job = Job(uuid.uuid4().hex, status, len(job_texts), done, now, now, None)
+        size = sum(len(text.encode()) for text in job_texts)
+        job = Job(uuid.uuid4().hex, status, len(job_texts), done, now, now, None, owner, size)
         with self.engine.begin() as db:
+            self._check_quotas(db, job)
             db.execute(jobs.insert().values(**asdict(job)))
             db.execute(
                 texts.insert(),
@@ -171,31 +245,67 @@ class JobStore:
             )
         return job
 
+    def _check_quotas(self, db: sa.Connection, job: Job) -> None:
+        """Raise if `job` would take its owner or the service past a quota. On PostgreSQL one
+        key's submissions take turns here, so that replicas do not both admit the last room;
+        the service-wide bound may be passed by the submissions in flight at once."""
+        quotas = self.quotas
+        if job.owner is not None:
+            if db.dialect.name == "postgresql":
+                lock = sa.func.pg_advisory_xact_lock(QUOTA_LOCK, sa.func.hashtext(job.owner))
+                db.execute(sa.select(lock))
+            left = sa.case((jobs.c.status.in_(UNFINISHED), jobs.c.total - jobs.c.done), else_=0)
+            owned = sa.select(
+                sa.func.coalesce(sa.func.sum(left), 0),
+                sa.func.coalesce(sa.func.sum(jobs.c.bytes), 0),
+            ).where(jobs.c.owner == job.owner)
+            unfinished, stored = db.execute(owned).one()
+            if quotas.texts_per_key and unfinished + job.total - job.done > quotas.texts_per_key:
+                raise QuotaExceeded(
+                    "JOB_QUOTA_TEXTS", unfinished, job.total - job.done, quotas.texts_per_key
+                )
+            if quotas.bytes_per_key and stored + job.bytes > quotas.bytes_per_key:
+                raise QuotaExceeded("JOB_QUOTA_BYTES", stored, job.bytes, quotas.bytes_per_key)
+        if quotas.bytes_in_all:
+            stored_in_all = db.scalar(sa.select(sa.func.coalesce(sa.func.sum(jobs.c.bytes), 0)))
+            if int(stored_in_all or 0) + job.bytes > quotas.bytes_in_all:
+                raise StoreFull(
+                    f"the job store is full ({quotas.bytes_in_all} bytes of job texts, "
+                    "JOBS_MAX_STORED_BYTES); retry once jobs finish or expire"
+                )
+
     def get(self, job_id: str) -> Job | None:
         with self.engine.connect() as db:
             row = db.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
-        return Job(*row) if row else None
+        return Job.of(row) if row else None
 
     def claim(self, owner: str, limit: int) -> Chunk | None:
-        """Up to `limit` unscored, unleased texts of the oldest unfinished job, now leased to
-        `owner`; None when there is nothing to claim."""
+        """Up to `limit` unscored, unleased texts, now leased to `owner` (a worker): of the key
+        whose last turn is oldest, of that key's oldest unfinished job; None when there is
+        nothing to claim."""
         now = time.time()
         claimable = sa.and_(
             texts.c.label.is_(None),
             texts.c.error.is_(None),
             sa.or_(texts.c.lease_until.is_(None), texts.c.lease_until < now),
         )
-        oldest = (
+        same_key = jobs.alias("same_key")
+        keys_last_turn = (
+            sa.select(sa.func.max(sa.func.coalesce(same_key.c.last_turn, 0.0)))
+            .where(sa.func.coalesce(same_key.c.owner, "") == sa.func.coalesce(jobs.c.owner, ""))
+            .scalar_subquery()
+        )
+        next_job = (
             sa.select(jobs.c.id)
             .where(
                 jobs.c.status.in_(UNFINISHED),
                 sa.exists().where(texts.c.job_id == jobs.c.id, claimable),
             )
-            .order_by(jobs.c.created)
+            .order_by(keys_last_turn, jobs.c.created)
             .limit(1)
         )
         with self.engine.begin() as db:
-            job_id = db.scalar(oldest)
+            job_id = db.scalar(next_job)
             if job_id is None or not self._lock_job(db, job_id):
                 return None
             rows = db.execute(
@@ -211,8 +321,12 @@ class JobStore:
             self._lease(db, chunk, owner, now)
             db.execute(
                 jobs.update()
-                .where(jobs.c.id == chunk.job_id, jobs.c.status == "queued")
-                .values(status="running", updated=now)
+                .where(jobs.c.id == chunk.job_id)
+                .values(
+                    last_turn=now,
+                    status=sa.case((jobs.c.status == "queued", "running"), else_=jobs.c.status),
+                    updated=now,
+                )
             )
         return chunk
 
@@ -299,12 +413,25 @@ class JobStore:
             self.delete(job_id)
         return list(expired)
 
-    def results(self, job_id: str, offset: int, limit: int) -> list[JobResult]:
+    def results(
+        self, job_id: str, offset: int, limit: int, in_order: bool = True
+    ) -> list[JobResult]:
+        """Up to `limit` finished texts from index `offset` on. `in_order`: only those before
+        the first unfinished one, so that a client paging a running job on from the last index
+        it got misses none that are scored later (replicas score chunks out of order)."""
+        done = sa.or_(texts.c.label.is_not(None), texts.c.error.is_not(None))
+        page = texts.c.idx >= offset
+        if in_order:
+            first_unfinished = (
+                sa.select(sa.func.min(texts.c.idx))
+                .where(texts.c.job_id == job_id, texts.c.idx >= offset, sa.not_(done))
+                .scalar_subquery()
+            )
+            page = sa.and_(page, texts.c.idx < sa.func.coalesce(first_unfinished, MAX_INDEX))
         with self.engine.connect() as db:
-            done = sa.or_(texts.c.label.is_not(None), texts.c.error.is_not(None))
             rows = db.execute(
                 sa.select(texts.c.idx, texts.c.text, texts.c.label, texts.c.score, texts.c.error)
-                .where(texts.c.job_id == job_id, done, texts.c.idx >= offset)
+                .where(texts.c.job_id == job_id, done, page)
                 .order_by(texts.c.idx)
                 .limit(limit)
             ).all()

@@ -72,6 +72,11 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if and (ne .Values.worker.autoscaling.mode "none") (gt (int .Values.worker.autoscaling.maxReplicas) (int .Values.worker.partitions)) -}}
 {{- fail "worker.autoscaling.maxReplicas must not exceed worker.partitions" -}}
 {{- end -}}
+{{- with .Values.jobsDatabase.postgresql.tls -}}
+{{- if and (has .mode (list "verify-ca" "verify-full")) (not .caSecret) -}}
+{{- fail "jobsDatabase.postgresql.tls.mode=verify-* needs tls.caSecret (a Secret with ca.crt): the CA that signed the server's certificate" -}}
+{{- end -}}
+{{- end -}}
 {{- if and (eq .Values.jobsDatabase.type "postgresql") (eq (include "ks.dbFromVault" .) "false") (not (include "ks.jobsDatabaseSecret" .)) -}}
 {{- fail "jobsDatabase.type=postgresql needs jobsDatabase.postgresql.existingSecret (or secrets.existingSecret), or Vault with secrets.vault.jobsDatabasePath" -}}
 {{- end -}}
@@ -102,6 +107,16 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if eq $component "api" }}
 - name: JOBS_DB
   value: /var/lib/kubesentiment/jobs.db
+{{- with $v.jobsDatabase.postgresql.tls }}
+{{- if and (eq $v.jobsDatabase.type "postgresql") .mode }}
+- name: JOBS_DATABASE_SSLMODE
+  value: {{ .mode | quote }}
+{{- end }}
+{{- if and (eq $v.jobsDatabase.type "postgresql") .caSecret }}
+- name: JOBS_DATABASE_SSLROOTCERT
+  value: /etc/jobs-database-ca/ca.crt
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if eq $v.secrets.source "kubernetes" }}
 - name: API_KEYS
