@@ -157,7 +157,8 @@ class SecretWatch:
         self.vault, self.path, self.apply = vault, path, apply
         self.refresh_s = vault.settings.vault_refresh.total_seconds()
         self.max_stale_s = vault.settings.vault_max_stale.total_seconds()
-        self.error: str | None = None
+        self.error: str | None = None  # the last failure, for the log
+        self.failure: str | None = None  # its class, for health, which anyone may read
         self.stopping = threading.Event()
         self.read()  # at start-up a failure is raised: the caller stops the process
 
@@ -178,11 +179,11 @@ class SecretWatch:
             except (VaultError, ValueError) as err:
                 if self.error is None:
                     log.warning("keeping the last secrets read from vault", error=str(err))
-                self.error = str(err)
+                self.error, self.failure = str(err), type(err.__cause__ or err).__name__
                 continue
             if self.error is not None:
                 log.info("vault read again", path=self.path)
-            self.error = None
+            self.error = self.failure = None
 
     @property
     def stale(self) -> str | None:
@@ -190,7 +191,8 @@ class SecretWatch:
         age = time.monotonic() - self.last_reached
         if age <= self.max_stale_s:
             return None
-        return f"secrets last read from vault {age:.0f} s ago ({self.error or 'no read since'})"
+        why = self.failure or "no read since"
+        return f"secrets at {self.path} last read from vault {age:.0f} s ago ({why})"
 
     def stop(self) -> None:
         self.stopping.set()
