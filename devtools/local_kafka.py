@@ -36,14 +36,19 @@ def tansu_binary() -> Path:
 
 class TansuBroker:
     """An in-memory broker: topics and offsets are gone when it stops. `advertised_port`: the
-    port its metadata sends clients to, when they reach it through a proxy (a TLS front)."""
+    port its metadata sends clients to, when they reach it through a proxy (a TLS front).
+    `host`: the address it listens on and advertises (loopback, or one that containers reach)."""
 
     def __init__(
-        self, port: int, log_file: Path | None = None, advertised_port: int | None = None
+        self,
+        port: int,
+        log_file: Path | None = None,
+        advertised_port: int | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
-        self.port = port
+        self.port, self.host = port, host
         self.advertised_port = advertised_port or port
-        self.bootstrap = f"127.0.0.1:{self.advertised_port}"
+        self.bootstrap = f"{host}:{self.advertised_port}"
         self.log_file = log_file
         self.tree: ProcessTree | None = None
 
@@ -52,8 +57,8 @@ class TansuBroker:
         return self.tree.proc if self.tree else None
 
     def start(self, timeout: float = 20) -> TansuBroker:
-        listen = ["--listener-url", f"tcp://127.0.0.1:{self.port}"]
-        advertise = ["--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}"]
+        listen = ["--listener-url", f"tcp://{self.host}:{self.port}"]
+        advertise = ["--advertised-listener-url", f"tcp://{self.bootstrap}"]
         self.tree = ProcessTree(
             [
                 str(tansu_binary()),
@@ -68,7 +73,7 @@ class TansuBroker:
 
         def listening() -> bool:
             with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", self.port)) == 0
+                return sock.connect_ex((self.host, self.port)) == 0
 
         # exits at once if the port is taken by another broker
         self.tree.wait_until(listening, f"listening on {self.port}", timeout)

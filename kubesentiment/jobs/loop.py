@@ -80,7 +80,8 @@ class JobLoop:
     async def step(self) -> bool:
         """One unit of work: bring the store's schema up to date if it is not yet (the database
         may have been away when the service started), delete expired jobs when due, then claim
-        and score one chunk of the oldest unfinished job. False when there was nothing to claim."""
+        and score one chunk of the next job in turn (JobStore.claim). False when there was nothing
+        to claim."""
         if not self.store.migrated:
             await asyncio.to_thread(self.store.migrate)
             log.info("job store ready")
