@@ -195,6 +195,10 @@ BAD_VALUES = [
         ["-f", str(PRODUCTION), *sets("secrets.vault.jobsDatabasePath=")],
         "jobsDatabase",
     ),
+    (  # the image without torch asked to run the PyTorch back end
+        sets("image.flavor=onnx", "config.BACKEND=pytorch"),
+        "image.flavor=onnx has no torch",
+    ),
     (  # verified TLS to PostgreSQL with no CA to verify against
         ["-f", str(PRODUCTION), *sets("jobsDatabase.postgresql.tls.caSecret=")],
         "tls.caSecret",
@@ -207,6 +211,14 @@ def test_bad_values_are_refused(helm: str, args: list[str], message: str) -> Non
     result = run_helm(helm, "template", "ks", str(CHART), *args)
     assert result.returncode != 0, f"accepted: {args}"
     assert message in result.stderr, result.stderr
+
+
+def test_the_onnx_flavour_runs_the_image_without_torch_in_every_container(helm: str) -> None:
+    docs = list(yaml.safe_load_all(render(helm, *sets("image.tag=1a2b", "image.flavor=onnx"))))
+    pods = [d["spec"]["template"]["spec"] for d in docs if d and d["kind"] == "Deployment"]
+    containers = [c for pod in pods for c in [*pod.get("initContainers", []), *pod["containers"]]]
+    assert len(containers) >= 3  # the API, the worker and its init container
+    assert {c["image"] for c in containers} == {"registry.example.com/kubesentiment:1a2b-onnx"}
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

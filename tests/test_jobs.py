@@ -321,3 +321,13 @@ def test_postgresql_over_verified_tls_and_a_server_the_ca_did_not_sign_refused(
         with pytest.raises(sa.exc.OperationalError, match="certificate verify failed"):
             impostor.migrate()
         impostor.close()
+
+
+def test_a_session_idle_inside_a_transaction_is_ended_by_postgresql(postgres: str) -> None:
+    """A replica killed inside a transaction keeps its row locks until PostgreSQL ends the
+    session (tests/test_deploy_pods.py kills one mid-job): ours ask for that to happen soon."""
+    store = JobStore(database_url(fresh_database(postgres), Path()))
+    with store.engine.connect() as db:
+        assert db.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "30s"
+        assert db.exec_driver_sql("SHOW tcp_keepalives_idle").scalar() == "10"
+    store.close()

@@ -35,6 +35,14 @@ JobState = Literal["queued", "running", "completed", "failed"]
 UNFINISHED = ("queued", "running")
 MIGRATIONS = Path(__file__).with_name("migrations")
 CONNECT_TIMEOUT_S = 10  # an unreachable database host fails the attempt instead of hanging it
+# A replica that dies inside a transaction (SIGKILL, a lost node) holds its row locks, and every
+# other replica's claims wait on them, until PostgreSQL drops the session; its TCP connection may
+# never say so. These bound that to about half a minute: a session idle inside a transaction is
+# ended, and one whose peer is gone is found by keepalives.
+SESSION_OPTIONS = (
+    "-c idle_in_transaction_session_timeout=30s -c tcp_keepalives_idle=10 "
+    "-c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
+)
 MIGRATION_LOCK = 7_305_613  # any constant: PostgreSQL's advisory lock id for schema upgrades
 MAX_INDEX = 2**31 - 1  # job_texts.idx is an INTEGER
 QUOTA_LOCK = 7_305_614  # with a hash of the owner: one key's submissions take turns at its quota
@@ -162,7 +170,11 @@ def create_engine(url: str, options: Mapping[str, str] | None = None) -> sa.Engi
             url,
             pool_pre_ping=True,
             hide_parameters=True,
-            connect_args={"connect_timeout": CONNECT_TIMEOUT_S, **(options or {})},
+            connect_args={
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "options": SESSION_OPTIONS,
+                **(options or {}),
+            },
         )
     Path(sa.make_url(url).database or "").parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(

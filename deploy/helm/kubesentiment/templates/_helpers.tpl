@@ -44,8 +44,10 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
 {{- end -}}
 
+{{/* The image of `make containerize`; the onnx flavour (no torch) is tagged <version>-onnx. */}}
 {{- define "ks.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- $suffix := ternary "-onnx" "" (eq .Values.image.flavor "onnx") -}}
+{{- printf "%s:%s%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) $suffix -}}
 {{- end -}}
 
 {{/* The pod needs its service-account token only to log in to Vault (hvac or the agent). */}}
@@ -64,6 +66,9 @@ app.kubernetes.io/component: {{ index . 1 }}
 
 {{/* Fail early on combinations the service itself would refuse. */}}
 {{- define "ks.validate" -}}
+{{- if and (eq .Values.image.flavor "onnx") (eq .Values.config.BACKEND "pytorch") -}}
+{{- fail "image.flavor=onnx has no torch: BACKEND=pytorch needs image.flavor=full" -}}
+{{- end -}}
 {{- if and .Values.api.enabled (eq .Values.jobsDatabase.type "sqlite") -}}
 {{- if or (gt (int .Values.api.replicas) 1) .Values.api.autoscaling.enabled -}}
 {{- fail "jobsDatabase.type=sqlite allows exactly one API replica (no autoscaling): use postgresql for more" -}}
