@@ -15,12 +15,16 @@ USER_CLASSES ?=
 LOCUST_ARGS ?=
 LOCUST_REPORTS := loadtests/reports/locust
 BENCH_ARGS ?=
+# `make containerize`: the engine (podman, or docker with BuildKit) and the image's flavour (full,
+# or onnx: without torch).
+CONTAINER_ENGINE ?= podman
+FLAVOR ?= full
 
 export BENTOML_DO_NOT_TRACK := true
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: help env dev-env model model-large run bento test test-fast lint format bench int8-bench \
-	loadtest clean worker kafka-demo kafka-bench
+	loadtest clean worker kafka-demo kafka-bench containerize deploy-test
 .DEFAULT_GOAL := help
 
 help:  ## this list: each target with its one-line note
@@ -64,8 +68,18 @@ bento: env  ## the Bento of the model MODEL_NAME names (bentoml build; `bentoml 
 	$(PY) -m models prepare
 	$(VENV)/bin/bentoml build
 
+# The base image is built once (deploy/container/build-base.sh); see docs/deploy.md.
+containerize: bento  ## the Bento as an image kubesentiment:<version> (FLAVOR=onnx: no torch)
+	CONTAINER_ENGINE=$(CONTAINER_ENGINE) FLAVOR=$(FLAVOR) PY=$(PY) deploy/container/containerize.sh
+
 test: dev-env  ## the whole test suite (what CI runs)
 	$(PY) -m pytest
+
+# Root: podman, its settings and the base image (deploy/container/setup-podman.sh), then the image
+# of a small model's Bento and the chart's pods under `podman kube play` (tests marked container).
+deploy-test: dev-env  ## build the image and run the chart's pods with podman (root; CI runs it)
+	deploy/container/setup-podman.sh
+	$(PY) -m pytest -m container
 
 test-fast: dev-env  ## the tests that start no server, broker, worker, venv or Bento (< 2 min)
 	$(PY) -m pytest -m "not integration"

@@ -270,3 +270,83 @@ def pytest_sessionfinish() -> None:
     """The run's BentoML store (the small model, about 200 MB) goes with the run; the logs stay
     in their folder for a look after a failure."""
     shutil.rmtree(os.environ["BENTOML_HOME"], ignore_errors=True)
+
+
+# The OCI image (`make containerize`) of a Bento of the small model, for the `container` tests
+# (tests/test_container.py, tests/test_deploy_pods.py; `make deploy-test`).
+IMAGE_NAME = "localhost/kubesentiment-test"
+
+
+def podman(*args: str, check: bool = True, timeout: float = 300) -> str:
+    done = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)}: {done.stderr[-3000:]}")
+    return done.stdout
+
+
+def build_image(bento_tag: str, flavor: str, log: Path) -> str:
+    """deploy/container/containerize.sh for one Bento and flavour; the image's reference."""
+    env = {
+        **os.environ,
+        "BENTO": bento_tag,
+        "FLAVOR": flavor,
+        "IMAGE_NAME": IMAGE_NAME,
+        "PY": sys.executable,
+        "CONTAINER_ENGINE": "podman",
+    }
+    with log.open("w") as out:
+        done = subprocess.run(
+            [str(ROOT / "deploy" / "container" / "containerize.sh")],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=1500,
+        )
+    output = log.read_text(errors="replace")
+    assert done.returncode == 0, f"containerize.sh failed:\n{output[-5000:]}"
+    version = bento_tag.split(":")[1]
+    return f"{IMAGE_NAME}:{version}{'-onnx' if flavor == 'onnx' else ''}"
+
+
+@pytest.fixture(scope="session")
+def bento_tag(small_model: StoredModel) -> str:
+    if shutil.which("podman") is None or os.geteuid() != 0:
+        pytest.fail("needs rootful podman: run deploy/container/setup-podman.sh as root")
+    built = subprocess.run(
+        [str(Path(sys.executable).parent / "bentoml"), "build", "--output", "tag"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+
+
+@pytest.fixture(scope="session")
+def images(bento_tag: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The images of the Bento, built when first asked for, removed at the end of the run."""
+    built: dict[str, str] = {}
+    logs = tmp_path_factory.mktemp("containerize")
+
+    class Images(dict[str, str]):
+        def __missing__(self, flavor: str) -> str:
+            self[flavor] = built[flavor] = build_image(bento_tag, flavor, logs / f"{flavor}.log")
+            return self[flavor]
+
+    yield Images()
+    for flavor, reference in built.items():
+        latest = f"{IMAGE_NAME}:latest{'-onnx' if flavor == 'onnx' else ''}"
+        podman("rmi", "--force", reference, latest, check=False)
+
+
+@pytest.fixture(scope="session")
+def image(images: dict[str, str]) -> str:
+    """The full image (torch included) of a Bento of the small model."""
+    return images["full"]
+
+
+@pytest.fixture(scope="session")
+def onnx_image(images: dict[str, str]) -> str:
+    return images["onnx"]
