@@ -199,6 +199,11 @@ def sentiment(label: str, score: float) -> SentimentScore:
     return SentimentScore.model_validate({"label": label, "score": score})
 
 
+def no_such_job(job_id: str) -> HTTPException:
+    """The one 404 of the job endpoints: an unknown id and another key's job answer alike."""
+    return HTTPException(404, f"no batch job with id {job_id!r}")
+
+
 def job_status(job: Job) -> JobStatus:
     return JobStatus(
         job_id=job.id,
@@ -535,7 +540,7 @@ class Sentiment:
         if job is None or not (
             not settings.api_auth or caller in settings.api_admin_keys or job.owner == caller
         ):
-            raise HTTPException(404, f"no batch job with id {job_id!r}")
+            raise no_such_job(job_id)
         return job
 
     @read_api.get(
@@ -595,7 +600,7 @@ class Sentiment:
         """Cancel a queued or running job and delete it with its texts and results."""
         self.find_job(job_id, request)
         if not self.job_store().delete(job_id):
-            raise HTTPException(404, f"no batch job with id {job_id!r}")
+            raise no_such_job(job_id)
         log.info("batch job deleted", job_id=job_id)
         return Response(status_code=204)
 
