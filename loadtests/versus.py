@@ -1,10 +1,12 @@
-"""This checkout against another revision of the project, side by side on the same model, the
-same settings and the same machine: single-text /api/v1/predict at 32 clients (short texts), and
-each server's peak memory per worker process while it scores the heaviest requests its limits
-let through (two /predict/batch of eight 20,000-character English texts at once).
+"""This checkout against another revision of the project on the same model, or the default
+model against another model in this checkout, side by side on the same settings and the same
+machine: single-text /api/v1/predict at 32 clients (short texts), and each server's peak memory
+per worker process while it scores the heaviest requests its limits let through (two
+/predict/batch of eight 20,000-character English texts at once).
 
     python -m loadtests.versus d4bc45d                 # 2 rounds of 15 s each
     python -m loadtests.versus HEAD~3 --rounds 3 --seconds 20
+    python -m loadtests.versus --model sentiment-distilled   # against the default model
 
 The other revision is checked out into a temporary git worktree and served from there with this
 environment. The two alternate within each round, in turns, so that drift of a shared machine
@@ -21,7 +23,8 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ import httpx
 import psutil
 from tqdm import tqdm
 
+from kubesentiment.settings import get_settings
 from loadtests.benchmark import (
     HERE,
     latency_row,
@@ -97,12 +101,21 @@ def peak_pss_mib(port: int, url: str) -> tuple[float, list[int]]:
     return peak, codes
 
 
-def measure(name: str, cwd: Path, seconds: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    folder: Path  # where `bentoml serve` runs
+    settings: dict[str, str]
+
+
+def measure(contender: Contender, seconds: int) -> dict[str, Any]:
     bodies = [json.dumps({"text": t}) for t in sample_texts(512)]
     # A job store of its own: revisions may differ in its schema
     with (
         tempfile.TemporaryDirectory(prefix="kubesentiment-versus-") as scratch,
-        served(PORT, {"JOBS_DB": f"{scratch}/jobs.db"}, cwd=cwd) as url,
+        served(
+            PORT, {"JOBS_DB": f"{scratch}/jobs.db", **contender.settings}, cwd=contender.folder
+        ) as url,
     ):
         run_wrk(f"{url}/api/v1/predict", bodies, 32, 3)  # warm-up
         # The best of three runs: with several workers, which worker accepts which connection
@@ -116,7 +129,7 @@ def measure(name: str, cwd: Path, seconds: int) -> dict[str, Any]:
         row = latency_row(max(runs, key=lambda run: run["requests_per_s"]))
         pss, codes = peak_pss_mib(PORT, url)
     return {
-        "name": name,
+        "name": contender.name,
         **row,
         "cpu_ms_per_request": round(cpu_ms, 3),
         "peak_worker_pss_mib": round(pss),
@@ -148,24 +161,44 @@ def plot(rounds: list[list[dict[str, Any]]], names: list[str]) -> str:
     return png_base64(fig)
 
 
+def race(contenders: list[Contender], rounds: int, seconds: int) -> list[list[dict[str, Any]]]:
+    """Each round measures both, in turns, so that drift of a shared machine favours neither."""
+    results = []
+    with tqdm(total=len(contenders) * rounds, desc="versus", unit="server") as progress:
+        for number in range(rounds):
+            one = []
+            for contender in contenders if number % 2 == 0 else contenders[::-1]:
+                one.append(measure(contender, seconds))
+                progress.update()
+            results.append(one)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("revision", help="the git revision to compare this checkout with")
+    chosen = parser.add_mutually_exclusive_group(required=True)
+    chosen.add_argument(
+        "revision", nargs="?", help="the git revision to compare this checkout with"
+    )
+    chosen.add_argument("--model", help="a stored model to compare the default model with")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=int, default=15)
     args = parser.parse_args()
-    names = [args.revision, "this checkout"]
-    rounds: list[list[dict[str, Any]]] = []
-    with worktree(args.revision) as other:
-        folders = {args.revision: other, "this checkout": HERE.parent}
-        with tqdm(total=2 * args.rounds, desc="versus", unit="server") as progress:
-            for number in range(args.rounds):
-                order = names if number % 2 == 0 else names[::-1]
-                one = []
-                for name in order:
-                    one.append(measure(name, folders[name], args.seconds))
-                    progress.update()
-                rounds.append(one)
+    with ExitStack() as stack:
+        if args.model:
+            default = get_settings().model_name
+            contenders = [
+                Contender(default, HERE.parent, {"MODEL_NAME": default}),
+                Contender(args.model, HERE.parent, {"MODEL_NAME": args.model}),
+            ]
+        else:
+            other = stack.enter_context(worktree(args.revision))
+            contenders = [
+                Contender(args.revision, other, {}),
+                Contender("this checkout", HERE.parent, {}),
+            ]
+        rounds = race(contenders, args.rounds, args.seconds)
+    names = [c.name for c in contenders]
     ratios = [
         next(r for r in one if r["name"] == names[1])["requests_per_s"]
         / next(r for r in one if r["name"] == names[0])["requests_per_s"]
@@ -174,7 +207,7 @@ def main() -> None:
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
-        "revision": args.revision,
+        "contenders": names,
         "rounds": rounds,
         "throughput_ratio": {"min": min(ratios), "max": max(ratios)},
     }
@@ -182,7 +215,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "versus.json").write_text(json.dumps(result, indent=2))
     lines = [
-        f"# This checkout against {args.revision}",
+        f"# {names[1]} against {names[0]}",
         "",
         f"{result['date']}, {result['cpu']}; /api/v1/predict at 32 clients, short texts.",
         "",
@@ -200,7 +233,7 @@ def main() -> None:
             )
     lines += [
         "",
-        f"Throughput, this checkout / {args.revision}: "
+        f"Throughput, {names[1]} / {names[0]}: "
         f"{min(ratios):.3f} to {max(ratios):.3f} over {len(ratios)} rounds.",
     ]
     markdown = "\n".join(lines) + "\n"

@@ -8,13 +8,12 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 from kubesentiment.settings import get_settings, use_local_models_only
-
-# The model names our recipes register under; any other name is a model someone imported.
-RECIPE_OF_NAME = {"sentiment": "default", "sentiment-large": "large"}
+from models import RECIPE_OF_NAME, TRANSFER_SOURCES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,10 +54,22 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--batch-size", type=int, help="default: the recipe's")
     build.add_argument(
         "--recipe",
-        choices=("default", "large"),
+        choices=("default", "large", "distilled"),
         default="default",
         help="default: all-MiniLM-L6-v2 (`make model`); large: all-mpnet-base-v2 "
-        "(`make model-large`, about half an hour on 2 cores)",
+        "(`make model-large`, about half an hour on 2 cores); distilled: all-MiniLM-L6-v2 "
+        "taught by sentiment-large (built first if missing)",
+    )
+    build.add_argument("--teacher", help="distilled: the teacher's name in the store")
+    build.add_argument(
+        "--distill-weight", type=float, help="distilled: the teacher's share of the loss (0-1)"
+    )
+    build.add_argument("--temperature", type=float, help="distilled: softens the teacher's term")
+    build.add_argument(
+        "--transfer",
+        nargs="*",
+        choices=TRANSFER_SOURCES,
+        help="distilled: the transfer set's sources (none: the training texts only)",
     )
     build.add_argument("--seed", type=int, help="training seed (the split stays the same)")
     build.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
@@ -84,6 +95,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _distillation_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    chosen = {
+        "teacher": args.teacher,
+        "weight": args.distill_weight,
+        "temperature": args.temperature,
+        "transfer": tuple(args.transfer) if args.transfer is not None else None,
+    }
+    if args.distill_weight is not None and not 0 <= args.distill_weight <= 1:
+        raise ValueError("--distill-weight must be between 0 and 1")
+    if args.temperature is not None and args.temperature <= 0:
+        raise ValueError("--temperature must be positive")
+    return {k: v for k, v in chosen.items() if v is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command != "import" or Path(args.source).exists():
@@ -104,10 +129,14 @@ def main(argv: list[str] | None = None) -> int:
             }
             if any(value is not None and value <= 0 for value in chosen.values()):
                 raise ValueError("--epochs, --batch-size and --learning-rate must be positive")
-            overrides = {k: v for k, v in chosen.items() if v is not None}
+            overrides: dict[str, Any] = {k: v for k, v in chosen.items() if v is not None}
             if args.seed is not None:
                 overrides["seed"] = args.seed
             config = replace(RECIPES[args.recipe], **overrides, max_steps=args.max_steps)
+            if distilling := _distillation_overrides(args):
+                if config.distillation is None:
+                    raise ValueError(f"{', '.join(distilling)} need --recipe distilled")
+                config = replace(config, distillation=replace(config.distillation, **distilling))
             stored = pipeline.build(args.name, args.data_dir, config, args.limit, args.force)
             print(stored.tag)
         elif args.command == "prepare":

@@ -44,6 +44,7 @@ class Example:
     label: int  # 1 = POSITIVE, the sign of the mean human rating
     rating_shares: tuple[float, ...]  # share of the raters who gave each score on RATING_SCALE
     source: str = ""  # the archive's sentence id; Amazon's "12_3" is sentence 3 of review 12
+    domain: str = ""  # one of DOMAINS (not in the fingerprint: it adds nothing the split lacks)
 
     @property
     def soft(self) -> float:
@@ -99,7 +100,7 @@ def _parse_ratings(text: str) -> dict[str, tuple[float, ...]]:
     return shares
 
 
-def _parse_set(truth: str, ratings: str) -> list[Example]:
+def _parse_set(truth: str, ratings: str, domain: str) -> list[Example]:
     shares = _parse_ratings(ratings)
     examples = []
     for line in truth.splitlines():
@@ -111,7 +112,8 @@ def _parse_set(truth: str, ratings: str) -> list[Example]:
             continue  # no sign, no label
         if parts[0] not in shares:
             raise RuntimeError(f"sentence {parts[0]} has a mean rating but no individual ratings")
-        examples.append(Example(parts[2].strip(), int(mean > 0), shares[parts[0]], parts[0]))
+        label = int(mean > 0)
+        examples.append(Example(parts[2].strip(), label, shares[parts[0]], parts[0], domain))
     return examples
 
 
@@ -132,7 +134,7 @@ def read_rated_sentences(sdist: Path) -> dict[str, list[Example]]:
         domains = {}
         for domain, prefix in DOMAIN_FILES.items():
             examples = _parse_set(
-                read(f"{prefix}_GroundTruth.txt"), read(f"{prefix}_anonDataRatings.txt")
+                read(f"{prefix}_GroundTruth.txt"), read(f"{prefix}_anonDataRatings.txt"), domain
             )
             unique = {e.text: e for e in reversed(examples)}  # the first of each text wins
             domains[domain] = [e for e in examples if unique[e.text] is e]
@@ -153,7 +155,7 @@ def whole_reviews(sentences: list[Example]) -> list[Example]:
     for review, parts in by_review.items():
         parts.sort(key=lambda e: int(e.source.split("_")[1]))
         shares = tuple(np.mean([e.rating_shares for e in parts], axis=0).tolist())
-        review_example = Example(" ".join(e.text for e in parts), 0, shares, review)
+        review_example = Example(" ".join(e.text for e in parts), 0, shares, review, WHOLE_REVIEWS)
         if (mean := review_example.mean_rating) != 0:
             reviews.append(replace(review_example, label=int(mean > 0)))
     return reviews

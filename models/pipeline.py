@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import structlog
 
-from models import LABELS
+from models import LABELS, RECIPE_OF_NAME
 from models.data import WHOLE_REVIEWS, Example, Splits, load_splits
+from models.distill import teach
 from models.evaluate import (
     INT8_MAX_ACCURACY_LOSS,
     accuracies,
@@ -33,9 +34,16 @@ from models.export import (
     quantize_int8,
     smooth_outlier_channels,
 )
-from models.train import DEFAULT_CONFIG, TrainConfig, train
+from models.train import DEFAULT_CONFIG, RECIPES, TrainConfig, train
 from runners.engine import WINDOW_AGGREGATIONS, WindowAggregation, fold_windows, load_engine
-from runners.model_store import ONNX_DIR, PYTORCH_DIR, StoredModel, find_by_recipe, register
+from runners.model_store import (
+    ONNX_DIR,
+    PYTORCH_DIR,
+    StoredModel,
+    find_by_recipe,
+    get,
+    register,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -51,13 +59,17 @@ class ModelSourceError(ValueError):
     """A model folder or hub id that cannot become a sentiment model, with the reason."""
 
 
-def recipe_hash(splits: Splits, config: TrainConfig) -> str:
-    """The encoder is named in the config; its package versions and hashes are pinned."""
+def recipe_hash(splits: Splits, config: TrainConfig, teacher: StoredModel | None = None) -> str:
+    """The encoder is named in the config; its package versions and hashes are pinned. A
+    student's recipe includes its teacher's version: a new teacher makes a new student."""
+    train = asdict(config)
+    if config.distillation is None:  # so that the models stored before it keep their hash
+        del train["distillation"]
     payload = {
         "pipeline": PIPELINE_VERSION,
         "data": splits.fingerprint(),
-        "train": asdict(config),
-    }
+        "train": train,
+    } | ({"teacher": teacher.tag} if teacher is not None else {})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -188,29 +200,46 @@ def build(
     limit: int | None = None,
     force: bool = False,
 ) -> StoredModel:
-    """Train, export, evaluate and register the default model, unless the store already holds
-    a model made from the same data, code and settings."""
+    """Train (taught by the config's teacher where it names one), export, evaluate and
+    register, unless the store already holds a model made from the same data, code, settings
+    and teacher."""
     splits = load_splits(data_dir, limit=limit)  # one split for every training seed
-    recipe = recipe_hash(splits, config)
+    distill = config.distillation
+    teacher = teacher_model(distill.teacher, data_dir, limit) if distill is not None else None
+    recipe = recipe_hash(splits, config, teacher)
     if not force and (existing := find_by_recipe(name, recipe)) is not None:
         log.info("store already holds the current model; nothing to do", tag=existing.tag)
         return existing
+    source = f"{config.encoder} fine-tuned on Hutto & Gilbert (ICWSM 2014) ratings"
+    targets = None
+    if teacher is not None and distill is not None:
+        targets = teach(teacher, splits, distill.transfer, data_dir)
+        source += f", distilled from {teacher.tag}"
     log.info("training", **splits.sizes())
     with tempfile.TemporaryDirectory(prefix="kubesentiment-") as tmp:
         staging = Path(tmp)
-        report = train(splits, staging / PYTORCH_DIR, data_dir, config)
+        report = train(splits, staging / PYTORCH_DIR, data_dir, config, targets)
+        if targets is not None:
+            report["distillation"] = targets.report
         return _finish(
             name,
             staging,
             splits,
-            {
-                "recipe": recipe,
-                "source": f"{config.encoder} fine-tuned on Hutto & Gilbert (ICWSM 2014) ratings",
-                "training": report,
-            },
+            {"recipe": recipe, "source": source, "training": report},
             normalize_text=True,
             gate_int8=limit is None,  # a smoke run's test splits are too small for the rule
         )
+
+
+def teacher_model(name: str, data_dir: Path, limit: int | None) -> StoredModel:
+    """The newest stored model of that name; one our recipes make is built first if missing."""
+    try:
+        return get(name)
+    except LookupError:
+        if name not in RECIPE_OF_NAME:
+            raise
+    log.info("building the teacher first", teacher=name)
+    return build(name, data_dir, RECIPES[RECIPE_OF_NAME[name]], limit)
 
 
 def _load_source(source: str) -> tuple[Any, Any]:

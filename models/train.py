@@ -29,8 +29,9 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from models import LABELS
+from models import LABELS, TRANSFER_SOURCES
 from models.data import RATING_SCALE, WHOLE_REVIEWS, Example, Splits
+from models.distill import TeacherTargets
 from models.encoders import MINILM, MPNET, encoder_dir
 from runners.architecture import new_classifier
 from runners.normalization import normalize_text
@@ -43,6 +44,16 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """What a student learns from a teacher (models/distill.py)."""
+
+    teacher: str = "sentiment-large"  # a store name; one of our recipes' is built if missing
+    weight: float = 0.5  # share of each text's loss from the teacher; the rest from the raters
+    temperature: float = 2.0  # softens both sides of the teacher's term (Hinton et al. 2015)
+    transfer: tuple[str, ...] = TRANSFER_SOURCES
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class TrainConfig:
     bf16: bool = field(default_factory=cpu_has_fast_bf16)
     max_steps: int | None = None  # a cap for smoke runs
     encoder: str = MINILM  # models.encoders.ENCODERS
+    distillation: DistillConfig | None = None
 
 
 DEFAULT_CONFIG = TrainConfig()
@@ -70,7 +82,10 @@ DEFAULT_CONFIG = TrainConfig()
 # target where no recipe of the 22 M MiniLM did, at about 4 times the serving cost per text
 # (docs/model.md). One epoch: on a GPU, half an epoch scored within 1-2 points of two epochs.
 LARGE_CONFIG = TrainConfig(encoder=MPNET, epochs=1, learning_rate=4e-5)
-RECIPES = {"default": DEFAULT_CONFIG, "large": LARGE_CONFIG}
+# `make model-distilled`: the default's encoder and schedule, taught by sentiment-large on the
+# training texts and a transfer set made from them (docs/model.md).
+DISTILLED_CONFIG = TrainConfig(epochs=1, distillation=DistillConfig())
+RECIPES = {"default": DEFAULT_CONFIG, "large": LARGE_CONFIG, "distilled": DISTILLED_CONFIG}
 
 
 def length_sorted_batches(
@@ -138,10 +153,16 @@ def validation_accuracy(
 
 
 def train(
-    splits: Splits, output_dir: Path, data_dir: Path, config: TrainConfig = DEFAULT_CONFIG
+    splits: Splits,
+    output_dir: Path,
+    data_dir: Path,
+    config: TrainConfig = DEFAULT_CONFIG,
+    teacher: TeacherTargets | None = None,
 ) -> dict:
     """Train, keep the epoch with the best validation accuracy, save a Hugging Face folder.
-    data_dir caches the encoder where it has to be downloaded."""
+    data_dir caches the encoder where it has to be downloaded. With a teacher, the texts are
+    its (the training texts, then the transfer set) and each one's loss mixes the teacher's
+    term, by the distillation's weight, with the raters' term (training texts only)."""
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     encoder = encoder_dir(config.encoder, data_dir)
@@ -150,14 +171,29 @@ def train(
     rating_head = torch.nn.Linear(model.config.hidden_size, len(RATING_SCALE))
     parameters = [*model.parameters(), *rating_head.parameters()]
     train_set = splits.train
+    texts = teacher.texts if teacher is not None else [e.text for e in train_set]
     encoded = tokenizer(
-        [normalize_text(e.text) for e in train_set], truncation=True, max_length=config.max_length
+        [normalize_text(text) for text in texts], truncation=True, max_length=config.max_length
     )["input_ids"]
+    unrated = len(texts) - len(train_set)  # transfer texts: the teacher's term only
     targets = torch.tensor(
         [(1 - config.soft_weight) * e.label + config.soft_weight * e.soft for e in train_set]
+        + [0.0] * unrated
     )
-    rating_targets = torch.tensor([e.rating_shares for e in train_set])
-    steps_per_epoch = -(-len(train_set) // config.batch_size)
+    rating_targets = torch.tensor(
+        [e.rating_shares for e in train_set] + [(0.0,) * len(RATING_SCALE)] * unrated
+    )
+    rated = torch.arange(len(texts)) < len(train_set)
+    distill = config.distillation
+    teacher_weight = distill.weight if distill is not None and teacher is not None else 0.0
+    temperature = distill.temperature if distill is not None else 1.0
+    # The teacher's probability of POSITIVE at the distillation's temperature.
+    teacher_targets = torch.sigmoid(
+        torch.from_numpy(teacher.log_odds) / temperature
+        if teacher is not None
+        else torch.zeros(len(texts))
+    )
+    steps_per_epoch = -(-len(texts) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -186,10 +222,16 @@ def train(
                 logits = model.classifier(model.dropout(pooled))
                 rating_logits = rating_head(model.dropout(pooled))
             log_probs = torch.log_softmax(logits.float(), dim=-1)
-            loss = -(p * log_probs[:, 1] + (1 - p) * log_probs[:, 0]).mean()
+            raters = -(p * log_probs[:, 1] + (1 - p) * log_probs[:, 0])
             rating_log_probs = torch.log_softmax(rating_logits.float(), dim=-1)
-            rating_loss = -(rating_targets[idx] * rating_log_probs).sum(dim=-1).mean()
-            loss = loss + config.rating_weight * rating_loss
+            raters += -config.rating_weight * (rating_targets[idx] * rating_log_probs).sum(dim=-1)
+            loss = (1 - teacher_weight) * (raters * rated[idx]).mean()
+            if teacher_weight:
+                # Scaled by T^2, so the gradient's size does not shrink as T grows.
+                q = teacher_targets[idx]
+                soft = torch.log_softmax(logits.float() / temperature, dim=-1)
+                kd = -(q * soft[:, 1] + (1 - q) * soft[:, 0]) * temperature**2
+                loss = loss + teacher_weight * kd.mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
@@ -224,5 +266,6 @@ def train(
         "history": history,
         "validation_accuracy": best_acc,
         "train_examples": len(train_set),
+        "transfer_examples": unrated,
         "train_seconds": round(time.monotonic() - started, 1),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 from onnx import numpy_helper
 from transformers import (
     AutoModelForSequenceClassification,
@@ -22,8 +24,17 @@ from transformers import (
     BertForSequenceClassification,
 )
 
-from models import LABELS
-from models.data import DOMAINS, RATING_SCALE, WHOLE_REVIEWS, Example, load_splits, review_of
+from models import LABELS, TRANSFER_SOURCES
+from models.data import (
+    DOMAINS,
+    RATING_SCALE,
+    SDIST,
+    WHOLE_REVIEWS,
+    Example,
+    load_splits,
+    review_of,
+)
+from models.distill import transfer_texts
 from models.encoders import MINILM, encoder_dir, join_split_archive
 from models.evaluate import int8_shortfalls
 from models.export import (
@@ -441,9 +452,68 @@ def test_cli_reports_bad_arguments_without_a_traceback(tmp_path: Path) -> None:
     not_ours = run_cli("--name", "nobody-made-this", "prepare")
     assert not_ours.returncode == 2 and "import it" in not_ours.stderr
     assert "Traceback" not in not_ours.stderr
+    not_distilled = run_cli("build", "--temperature", "2")
+    assert not_distilled.returncode == 2 and "need --recipe distilled" in not_distilled.stderr
     unknown = run_cli("frobnicate")
     assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
     assert "build" in run_cli("--help").stdout
+
+
+def test_transfer_set_comes_from_the_training_texts_only(data_dir: Path) -> None:
+    splits = load_splits(data_dir, limit=SMALL_LIMIT)
+    transfer = transfer_texts(splits, TRANSFER_SOURCES)
+    assert all(transfer.values()), {source: len(texts) for source, texts in transfer.items()}
+    train_texts = [e.text for e in splits.train]
+    rated = {text.lower() for text in train_texts}
+    rated |= {
+        e.text.lower() for part in (splits.validation, splits.test) for d in part for e in part[d]
+    }
+    assert not rated & {text.lower() for texts in transfer.values() for text in texts}
+    spans = [" ".join(text.split()) for text in train_texts]
+    assert all(any(phrase in text for text in spans) for phrase in transfer["phrases"][:200])
+    sentences = {e.text for e in splits.train if e.domain == "amazon"}
+    for window in transfer["review_windows"]:
+        assert any(window.startswith(s) and window[len(s) + 1 :] in sentences for s in sentences)
+    assert transfer_texts(splits, TRANSFER_SOURCES) == transfer  # seeded: one teacher pass
+
+
+def test_distilled_build_teaches_a_student_from_a_cached_teacher(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """The distillation path on a small split, in an empty store: the teacher is built first
+    (its recipe's name), scores the training texts and the transfer set, and the student is
+    trained, exported and registered naming its teacher. A second student (another seed) takes
+    the teacher's scores from the cache and does not rebuild the teacher."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(data_dir / SDIST, tmp_path / "data" / SDIST)
+    env = {"BENTOML_HOME": str(tmp_path / "store"), "DATA_DIR": str(tmp_path / "data")}
+    args = ["--limit", "300", "--name", "student", "build", "--recipe", "distilled"]
+    args += ["--teacher", "sentiment", "--max-steps", "5"]
+
+    first = run_cli_with(env, *args)
+    assert first.returncode == 0, first.stderr
+    assert "building the teacher first" in first.stdout  # the pipeline logs to stdout
+    second = run_cli_with(env, *args, "--seed", "14")
+    assert second.returncode == 0, second.stderr
+    assert "building the teacher first" not in second.stdout
+    assert "teacher scores from the cache" in second.stdout
+
+    stored = {}
+    for tag in (first.stdout.split()[-1], second.stdout.split()[-1]):
+        name, version = tag.split(":")
+        model_yaml = tmp_path / "store" / "models" / name / version / "model.yaml"
+        stored[tag] = yaml.safe_load(model_yaml.read_text())["metadata"]
+    teachers = [meta["training"]["distillation"]["teacher"] for meta in stored.values()]
+    assert teachers[0] == teachers[1] and teachers[0].startswith("sentiment:")
+    cached = [m["training"]["distillation"]["teacher_scores_cached"] for m in stored.values()]
+    assert cached == [[], ["training", *TRANSFER_SOURCES]]
+    for meta in stored.values():
+        made = meta["training"]["distillation"]["transfer_texts"]
+        assert set(made) == set(TRANSFER_SOURCES) and all(made.values())
+        assert meta["training"]["transfer_examples"] == sum(made.values())
+        assert f"distilled from {teachers[0]}" in meta["source"]
+        assert set(meta["metrics"]) == set(DOMAINS)
+    assert len(list((tmp_path / "data" / "teacher-scores").glob("*.npy"))) == 4  # one per part
 
 
 def test_prepare_serves_a_pinned_version_as_it_is(small_model) -> None:
