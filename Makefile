@@ -23,12 +23,12 @@ FLAVOR ?= full
 export BENTOML_DO_NOT_TRACK := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help env dev-env model model-large model-distilled run bento test test-fast lint format bench int8-bench \
+.PHONY: help env dev-env model model-large run bento test test-fast lint format bench int8-bench \
 	loadtest clean worker kafka-demo kafka-bench containerize deploy-test
 .DEFAULT_GOAL := help
 
 help:  ## this list: each target with its one-line note
-	@awk 'BEGIN {FS = ":[^#]*## "} /^[a-z0-9-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' \
+	@awk 'BEGIN {FS = ":[^#]*## "} /^[a-z0-9-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' \
 		$(MAKEFILE_LIST)
 
 # What serving and `make model` need; `make run` on a fresh machine installs no more than this.
@@ -58,9 +58,6 @@ model: env  ## train, export, quantise and register the default model (skips if 
 
 model-large: env  ## the same with all-mpnet-base-v2 as sentiment-large (about half an hour on 2 cores)
 	$(PY) -m models --name sentiment-large build --recipe large
-
-model-distilled: env  ## MiniLM taught by sentiment-large (built first if missing) as sentiment-distilled
-	$(PY) -m models --name sentiment-distilled build --recipe distilled
 
 # The model MODEL_NAME names (default: sentiment), built if it is one of ours and missing.
 run: env  ## environment + model + the API on HOST:PORT (127.0.0.1:3000)

@@ -180,16 +180,21 @@ def main() -> None:
     chosen.add_argument(
         "revision", nargs="?", help="the git revision to compare this checkout with"
     )
-    chosen.add_argument("--model", help="a stored model to compare the default model with")
+    chosen.add_argument(
+        "--model", help="a stored model (name or name:version) to compare the default model with"
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=int, default=15)
     args = parser.parse_args()
     with ExitStack() as stack:
         if args.model:
             default = get_settings().model_name
+            name, _, version = args.model.partition(":")
             contenders = [
-                Contender(default, HERE.parent, {"MODEL_NAME": default}),
-                Contender(args.model, HERE.parent, {"MODEL_NAME": args.model}),
+                Contender(default, HERE.parent, {"MODEL_NAME": default, "MODEL_TAG": "latest"}),
+                Contender(
+                    args.model, HERE.parent, {"MODEL_NAME": name, "MODEL_TAG": version or "latest"}
+                ),
             ]
         else:
             other = stack.enter_context(worktree(args.revision))

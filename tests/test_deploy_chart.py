@@ -29,7 +29,6 @@ DEPLOY = ROOT / "deploy"
 CHART = DEPLOY / "helm" / "kubesentiment"
 PRODUCTION = CHART / "values-production.yaml"
 LARGE = CHART / "values-large.yaml"  # the overlay for sentiment-large
-DISTILLED = CHART / "values-distilled.yaml"  # the overlay for sentiment-distilled
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest with schemas.
 K8S_VERSIONS = ("1.25.0", kubernetes_validate.utils.latest_version())
 CRD_SCHEMAS = {
@@ -367,26 +366,6 @@ def test_large_model_overlay(helm: str, rendered: dict[str, list[dict[str, Any]]
     names = sorted((d["kind"], d["metadata"]["name"]) for d in layered)
     assert names == sorted((d["kind"], d["metadata"]["name"]) for d in rendered["production"])
     assert by_kind(layered, "ScaledObject") == by_kind(rendered["production"], "ScaledObject")
-
-
-def test_distilled_model_overlay(helm: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
-    """values-distilled.yaml serves sentiment-distilled and changes nothing else: the student
-    is the default model's architecture, so its pods, limits and queue are the production ones."""
-    layered = [
-        d
-        for d in yaml.safe_load_all(render(helm, "-f", str(PRODUCTION), "-f", str(DISTILLED)))
-        if d
-    ]
-    (config,) = [d for d in by_kind(layered, "ConfigMap") if "MODEL_NAME" in d.get("data", {})]
-    assert config["data"]["MODEL_NAME"] == "sentiment-distilled"
-    (production,) = [
-        d for d in by_kind(rendered["production"], "ConfigMap") if "MODEL_NAME" in d.get("data", {})
-    ]
-    assert config["data"] == production["data"] | {"MODEL_NAME": "sentiment-distilled"}
-    for part in ("api", "worker"):
-        spec = deployment(layered, part)["spec"]["template"]["spec"]["containers"][0]
-        default = deployment(rendered["production"], part)["spec"]["template"]["spec"]
-        assert spec["resources"] == default["containers"][0]["resources"]
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
