@@ -38,6 +38,7 @@ from kubesentiment.api.keys import InvalidKeys, KeyRing, key_name, parse_keys
 from kubesentiment.api.openapi import OpenApiDocument
 from kubesentiment.api.request_ids import RequestIds
 from kubesentiment.api.schemas import (
+    BackendCheckInfo,
     BatchPredictResponse,
     BatchTexts,
     Health,
@@ -72,10 +73,11 @@ from kubesentiment.observability import (
 )
 from kubesentiment.settings import Settings, get_settings, use_local_models_only
 from kubesentiment.vault import SecretWatch, Vault, VaultError, with_vault_secrets
-from runners.engine import SentimentEngine, load_engine
+from runners.engine import SentimentEngine
 from runners.model_store import StoredModel
 from runners.prediction import Prediction
 from runners.scheduler import BatchScheduler, Overloaded, Predict, TooMuchWork
+from runners.self_check import BackendCheck, load_checked_engine
 from runners.services import RUNNER_TOKEN_HEADER, runner_service
 from runners.windowing import Windowing
 
@@ -286,6 +288,8 @@ class Sentiment:
         self.model = StoredModel.from_bentoml(self.model_ref)
         self.windowing = Windowing.of(self.model)  # what a text costs, in either layout
         self.engine: SentimentEngine | None = None  # the model in process: load_predict()
+        # In the split layout the runner service checks its int8 graph itself.
+        self.backend_check = BackendCheck(settings.backend, settings.backend)
         self.scheduler = BatchScheduler(
             self.load_predict(),
             settings.max_batch_size,
@@ -319,9 +323,9 @@ class Sentiment:
             retention=settings.job_retention,
         )
         self.accepting = True
-        self.ref = ModelRef(
-            name=self.model.name, version=self.model.version, backend=settings.backend
-        )
+        self.backend = self.backend_check.served
+        self.metrics.observe_backend(self.backend_check)
+        self.ref = ModelRef(name=self.model.name, version=self.model.version, backend=self.backend)
         self.started = time.monotonic()
         # Everything loaded so far lives as long as the process: move it out of the garbage
         # collector's sight, and collect the young generations less often: with the defaults,
@@ -332,7 +336,7 @@ class Sentiment:
         log.info(
             "model loaded",
             tag=self.model.tag,
-            backend=settings.backend,
+            backend=self.backend,
             jobs=self.jobs.engine.url.get_backend_name(),
         )
 
@@ -348,7 +352,8 @@ class Sentiment:
         """What the scheduler calls with each batch: in process, the model on a batch of windows
         (so that a long text's windows can ride in several batches, and no batch is longer than
         MAX_BATCH_TOKENS); in the split layout, one HTTP call per batch of texts to the runner
-        service (whose own batching merges the batches of several entry pods)."""
+        service (whose own batching merges the batches of several entry pods). In process, int8
+        is checked on this CPU first and fp32 serves where it fails (runners/self_check.py)."""
         if self.runner is not None:
             runner = self.runner
             if settings.runner_token is not None:  # read when the client first connects
@@ -363,12 +368,13 @@ class Sentiment:
                 return predictions
 
             return remote
-        engine = load_engine(
+        engine, self.backend_check = load_checked_engine(
             self.model,
             settings.backend,
             settings.inference_threads,
             settings.max_batch_size,
             observe_batch=self.metrics.observe_batch,
+            check=settings.int8_self_check,
         )
         engine.predict(["warm-up"])  # first call allocates; don't bill it to a user
         self.engine = engine
@@ -414,7 +420,7 @@ class Sentiment:
             charge(caller, sum(lengths))
             probabilities = await self.scheduler.submit(windows, lengths, bulk=bulk)
             predictions = self.engine.fold(np.array(probabilities), lengths, owners, len(texts))
-        self.metrics.observe_predictions(texts, predictions, settings.backend)
+        self.metrics.observe_predictions(texts, predictions, self.backend)
         return predictions
 
     def response(self, text: str, prediction: Prediction) -> PredictResponse:
@@ -626,7 +632,8 @@ class Sentiment:
             status="ok" if reason is None else "unavailable",
             reason=reason,
             model_loaded=True,
-            backend=settings.backend,
+            backend=self.backend,
+            backend_check=self.backend_check_info,
             model_version=self.model.version,
             uptime_seconds=round(time.monotonic() - self.started, 1),
             jobs=JobLoopHealth(state=loop.state, error=loop.error),
@@ -636,28 +643,37 @@ class Sentiment:
             return body
         return JSONResponse(body.model_dump(), status_code=503)
 
+    @property
+    def backend_check_info(self) -> BackendCheckInfo:
+        return BackendCheckInfo(**self.backend_check.as_dict())
+
     @read_api.get("/model-info", response_model=ModelInfo)
     def model_info(self) -> ModelInfo:
+        """The model, its figures at build (and the CPU that made them), and which back end
+        serves on this CPU, with why."""
         meta = self.model.metadata
         metrics = meta.get("metrics", {})
         return ModelInfo(
             name=self.model.name,
             tag=self.model.tag,
             version=self.model.version,
-            backend=settings.backend,
+            backend=self.backend,
             labels=meta["labels"],
             max_length=meta["max_length"],
             source=meta.get("source"),
             data_hash=meta.get("data_hash"),
             accuracy={
-                domain: per_backend[settings.backend]["accuracy"]
+                domain: per_backend[self.backend]["accuracy"]
                 for domain, per_backend in metrics.items()
-                if settings.backend in per_backend
+                if self.backend in per_backend
             },
             test_examples=meta.get("examples", {}).get("test", {}),
             normalize_text=bool(meta.get("normalize_text")),
             window_aggregation=meta.get("window_aggregation", "probability_mean"),
             metrics=metrics,
+            backend_check=self.backend_check_info,
+            int8=meta.get("int8"),
+            built_on=meta.get("built_on"),
         )
 
     @read_api.get("/metrics", response_class=Response)

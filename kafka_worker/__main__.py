@@ -18,11 +18,11 @@ from kafka_worker.worker import IdempotenceUnsupported, Worker
 from kubesentiment.observability import configure_logging, get_metrics
 from kubesentiment.settings import Settings, get_settings, use_local_models_only
 from kubesentiment.vault import Vault, VaultError, with_vault_secrets
-from runners.engine import load_engine
 from runners.model_store import get
+from runners.self_check import load_checked_engine
 from runners.windowing import Windowing
 
-WORKER_SETTINGS = ("model_name", "model_tag", "backend", "max_text_chars")
+WORKER_SETTINGS = ("model_name", "model_tag", "backend", "int8_self_check", "max_text_chars")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,17 +55,20 @@ async def main() -> int:
         log.critical(f"cannot start: {err}")
         return 2
     model = get(settings.model_store_tag)
-    engine = load_engine(
+    metrics = get_metrics()
+    engine, check = load_checked_engine(  # int8 checked on this CPU, as in the API
         model,
         settings.backend,
         settings.worker_inference_threads,
         settings.kafka_batch_size,
-        observe_batch=get_metrics().observe_batch,
+        observe_batch=metrics.observe_batch,
+        check=settings.int8_self_check,
     )
+    metrics.observe_backend(check)
     worker = Worker(
         settings,
         engine,
-        {"name": model.name, "version": model.version, "backend": settings.backend},
+        {"name": model.name, "version": model.version, "backend": check.served},
         Windowing.of(model),
     )
     loop = asyncio.get_running_loop()
@@ -77,7 +80,7 @@ async def main() -> int:
     log.info(
         "worker started",
         model=model.tag,
-        backend=settings.backend,
+        backend=check.served,
         bootstrap=settings.kafka_bootstrap_servers,
         probes_port=settings.worker_port,
     )

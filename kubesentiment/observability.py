@@ -25,6 +25,7 @@ from runners.prediction import Prediction
 
 if TYPE_CHECKING:
     from runners.scheduler import QueueState
+    from runners.self_check import BackendCheck
 
 
 class Metrics:
@@ -86,6 +87,14 @@ class Metrics:
             "1 when the model is loaded and the service accepts work, 0 when not ready",
             multiprocess_mode="livemin",
         )
+        # "livemax": 1 if any live worker of the pod serves another back end than asked for.
+        self.backend_fallback = Gauge(
+            "kubesentiment_backend_fallback",
+            "1 when this process serves another back end than BACKEND asks for (int8 failed its "
+            "start-up self-check on this CPU, or its accuracy rule at build), else 0",
+            ["requested", "served"],
+            multiprocess_mode="livemax",
+        )
         self.jobs = Counter(
             "kubesentiment_jobs",
             "Async batch jobs, by event: submitted, completed, failed",
@@ -96,6 +105,9 @@ class Metrics:
         self.job_texts = Counter(
             "kubesentiment_job_texts_scored", "Texts of async batch jobs scored and saved"
         )
+
+    def observe_backend(self, check: BackendCheck) -> None:
+        self.backend_fallback.labels(check.requested, check.served).set(int(check.fell_back))
 
     def observe_batch(self, rows: int, tokens: int) -> None:
         self.batch_size.observe(rows)

@@ -71,6 +71,12 @@ class Settings(BaseSettings):
 
     # Inference
     backend: BackendName = Field(default="onnx-int8", description="Back end that scores texts.")
+    int8_self_check: bool = Field(
+        default=True,
+        description="With BACKEND=onnx-int8, score the model's probe texts at start and serve "
+        "onnx-fp32 instead where int8 changes too many labels on this CPU, or failed its "
+        "accuracy rule at build. Off: int8 is served unchecked.",
+    )
     runner_layout: Literal["in-process", "split"] = Field(
         default="in-process",
         description="Where the model runs: in each worker of the HTTP service, or in a runner "

@@ -32,12 +32,12 @@ from tqdm import tqdm
 
 from kubesentiment.settings import get_settings
 from loadtests.benchmark import HERE, best_rate, png_base64
-from loadtests.layouts import cpu_model
 from loadtests.texts import sample_texts
 from models.data import load_splits
 from models.evaluate import accuracies, engine_probabilities
 from models.export import CALIBRATION_TEXTS, quantize_int8, smooth_outlier_channels
 from models.pipeline import calibration_batches
+from runners.cpu import cpu_summary
 from runners.engine import SentimentEngine, load_engine
 from runners.model_store import StoredModel, get
 
@@ -124,10 +124,10 @@ def measure(tag: str, layers: list[int], rounds: int, seconds: float) -> dict[st
     ]
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu_model(),
+        "cpu": cpu_summary(),
         "cpus": threads,
         "model": model.tag,
-        "stored_layout": model.metadata.get("int8_layout", {}).get("fp32_feed_forward_layers"),
+        "stored_layout": model.metadata.get("int8", {}).get("fp32_feed_forward_layers"),
         "stored_graph_is": same_as_stored,
         "batch_size": 32,
         "rows": rows,

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,12 +37,7 @@ from loadtests.benchmark import (
     server_cpu_seconds,
 )
 from loadtests.texts import sample_texts
-
-
-def cpu_model() -> str:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    names = [line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line]
-    return names[0] if names else platform.processor() or "unknown CPU"
+from runners.cpu import cpu_summary
 
 
 def settings_of(layout: str) -> dict[str, str]:
@@ -121,7 +114,7 @@ def main() -> int:
     rows = [best[(layout, c)] for layout in args.layouts for c in args.concurrency]
     result = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu_model(),
+        "cpu": cpu_summary(),
         "cpus": os.cpu_count(),
         "rows": rows,
     }

@@ -56,8 +56,8 @@ from loadtests.benchmark import (
     server_cpu_seconds,
 )
 from loadtests.cost import costs
-from loadtests.layouts import cpu_model
 from loadtests.texts import sample_texts
+from runners.cpu import cpu_summary
 from runners.engine import load_engine
 from runners.model_store import StoredModel, get
 
@@ -363,10 +363,13 @@ def main() -> int:
     timings: dict[str, float] = {}
     result: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu_model(),
+        "cpu": cpu_summary(),
         "cpus": os.cpu_count(),
         "quick": args.quick,
-        "model": {"tag": model.tag, "int8_layout": model.metadata.get("int8_layout")},
+        "model": {
+            "tag": model.tag,
+            "int8_layout": model.metadata.get("int8", {}).get("fp32_feed_forward_layers"),
+        },
         "settings": {
             "backend": get_settings().backend,
             "service_workers": get_settings().service_workers,

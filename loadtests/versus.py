@@ -43,8 +43,8 @@ from loadtests.benchmark import (
     server_cpu_seconds,
     server_processes,
 )
-from loadtests.layouts import cpu_model
 from loadtests.texts import sample_texts
+from runners.cpu import cpu_summary
 
 PORT = 3260
 HEAVY = {
@@ -211,7 +211,7 @@ def main() -> None:
     ]
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
+        "cpu": cpu_summary(),
         "contenders": names,
         "rounds": rounds,
         "throughput_ratio": {"min": min(ratios), "max": max(ratios)},

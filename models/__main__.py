@@ -54,9 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--batch-size", type=int, help="default: the recipe's")
     build.add_argument(
         "--recipe",
-        choices=("default", "large", "distilled"),
+        choices=("default", "full", "fast", "large", "distilled"),
         default="default",
-        help="default: all-MiniLM-L6-v2 (`make model`); large: all-mpnet-base-v2 "
+        help="default: all-MiniLM-L6-v2 (`make model`), full where the CPU has native bf16, "
+        "else fast (the embeddings and first 3 layers frozen); large: all-mpnet-base-v2 "
         "(`make model-large`, about half an hour on 2 cores); distilled: all-MiniLM-L6-v2 "
         "taught by sentiment-large (built first if missing)",
     )

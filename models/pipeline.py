@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shlex
 import sys
 import tempfile
-from dataclasses import asdict
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +22,26 @@ from models import LABELS, RECIPE_OF_NAME
 from models.data import WHOLE_REVIEWS, Example, Splits, load_splits
 from models.distill import teach
 from models.evaluate import (
-    INT8_MAX_ACCURACY_LOSS,
-    accuracies,
+    PAIRED,
+    POOLED,
+    PairedComparison,
     evaluate,
-    int8_shortfalls,
+    int8_losses,
     metrics_table,
+    paired_comparisons,
     positive_probabilities,
 )
 from models.export import (
     CALIBRATION_TEXTS,
     INT8_FP32_FEED_FORWARD_LAYERS,
+    QUANTIZATION,
     export_fp32,
     quantize_int8,
     smooth_outlier_channels,
 )
 from models.train import DEFAULT_CONFIG, RECIPES, TrainConfig, train
+from runners import self_check
+from runners.cpu import describe_cpu
 from runners.engine import WINDOW_AGGREGATIONS, WindowAggregation, fold_windows, load_engine
 from runners.model_store import (
     ONNX_DIR,
@@ -44,12 +51,14 @@ from runners.model_store import (
     get,
     register,
 )
+from runners.self_check import PROBE_TEXTS, Probe
 
 log = structlog.get_logger(__name__)
 
 # Bump when a change to the pipeline code should make `make model` build a new version.
-PIPELINE_VERSION = 6
+PIPELINE_VERSION = 7
 SERVING_MAX_LENGTH = 128
+PROBE_SEED = 7  # which validation sentences make the probe
 # Gates that catch a broken export: a stored ONNX graph must agree with its PyTorch source.
 FP32_MIN_AGREEMENT = 0.999
 FP32_MAX_PROBABILITY_DIFFERENCE = 1e-3
@@ -103,38 +112,61 @@ def calibration_batches(
     return [(input_ids, attention_mask) for _, input_ids, attention_mask in engine.batches(windows)]
 
 
-def choose_int8_layout(candidate: StoredModel, splits: Splits) -> dict[str, Any]:
-    """Quantise with the fastest layout that keeps int8 within INT8_MAX_ACCURACY_LOSS of fp32
-    on every domain, first on validation, then on test. The test split only gates: it can send
-    the choice to a more precise layout, never make any figure look better than it is. If no
-    layout passes, the most precise one stays and the caller decides. Returns what was tried."""
-    reference = {
-        name: accuracies(positive_probabilities(candidate, "onnx-fp32", sets), sets)
-        for name, sets in (("validation", splits.validation), ("test", splits.test))
-    }
+def choose_int8_layout(
+    candidate: StoredModel, train: list[Example], validation: dict[str, list[Example]]
+) -> dict[str, Any]:
+    """Quantise with the fastest layout that the int8 rule (models/evaluate.py) finds no loss
+    in, on any validation domain or on all of them pooled. The test split is not even an
+    argument: it reports how the chosen graph does, and chooses nothing. If no layout passes, the
+    most precise one is written and `passed` is false: the model is still registered, with every
+    back end's figures, and served in fp32 (runners/self_check.py). Training texts set the
+    smoothing. Returns what was tried."""
+    fp32 = positive_probabilities(candidate, "onnx-fp32", validation)
     tried = []
-    calibration = calibration_batches(candidate, splits.train[:CALIBRATION_TEXTS])
+    calibration = calibration_batches(candidate, train[:CALIBRATION_TEXTS])
     with tempfile.TemporaryDirectory() as tmp:  # one smoothed graph for every layout
         smoothed = Path(tmp) / "smoothed.onnx"
         smooth_outlier_channels(candidate.onnx_file(quantized=False), smoothed, calibration)
         for layers in INT8_FP32_FEED_FORWARD_LAYERS:
             quantize_int8(smoothed, layers, candidate.onnx_file(quantized=True))
-            attempt: dict[str, Any] = {"fp32_feed_forward_layers": layers}
-            for name, sets in (("validation", splits.validation), ("test", splits.test)):
-                int8 = accuracies(positive_probabilities(candidate, "onnx-int8", sets), sets)
-                sizes = {domain: len(examples) for domain, examples in sets.items()}
-                attempt[f"{name}_shortfalls"] = int8_shortfalls(reference[name], int8, sizes)
-                last_layout = layers == INT8_FP32_FEED_FORWARD_LAYERS[-1]
-                if attempt[f"{name}_shortfalls"] and not last_layout:
-                    break  # the last layout is checked on test too: the caller's gate needs it
-            tried.append(attempt)
-            log.info("int8 layout", **attempt)
-            if not any(attempt.get(f"{name}_shortfalls") for name in reference):
+            int8 = positive_probabilities(candidate, "onnx-int8", validation)
+            comparisons = paired_comparisons(validation, fp32, int8)
+            losses = int8_losses(comparisons)
+            tried.append({"fp32_feed_forward_layers": layers, "validation_losses": losses})
+            log.info("int8 layout", **tried[-1])
+            if not losses:
                 break
+    reason = None
+    if losses:
+        shown = ", ".join(
+            f"{name} {points} points (p={comparisons[name].p_value:.4f})"
+            for name, points in losses.items()
+        )
+        reason = f"every layout loses accuracy on validation; the most precise one loses {shown}"
     return {
+        "passed": not losses,
+        "reason": reason,
+        "quantization": QUANTIZATION,
         "fp32_feed_forward_layers": layers,
         "tried": tried,
-        "test_shortfalls": tried[-1]["test_shortfalls"],
+        "validation": {name: c.as_dict() for name, c in comparisons.items()},
+    }
+
+
+def write_probe(candidate: StoredModel, validation: dict[str, list[Example]]) -> dict[str, Any]:
+    """The probe set the serving processes check int8 with (runners/self_check.py): a seeded
+    sample of validation sentences with their fp32 probabilities, written into the model."""
+    pool = [e.text for d, examples in validation.items() if d != WHOLE_REVIEWS for e in examples]
+    texts = random.Random(PROBE_SEED).sample(pool, min(PROBE_TEXTS, len(pool)))
+    fp32 = self_check.positive_probabilities(load_engine(candidate, "onnx-fp32", 2), texts)
+    probe = Probe(texts, [round(float(p), 6) for p in fp32], 0)
+    flips, difference = self_check.label_flips(probe, load_engine(candidate, "onnx-int8", 2))
+    probe = replace(probe, int8_label_flips_at_build=flips)
+    probe.save(candidate.path)
+    return {
+        "texts": len(texts),
+        "int8_label_flips": flips,
+        "mean_probability_difference": difference,
     }
 
 
@@ -144,10 +176,10 @@ def _finish(
     splits: Splits,
     metadata: dict[str, Any],
     normalize_text: bool,
-    gate_int8: bool,
 ) -> StoredModel:
-    """Export, quantise, evaluate on the untouched test splits, check parity and the int8
-    rule, register."""
+    """Export, quantise, write the probe, evaluate on the untouched test splits, check parity,
+    register. An int8 graph that fails its rule is registered all the same, marked so."""
+    started = time.monotonic()
     export_fp32(staging / PYTORCH_DIR, staging / ONNX_DIR)
     id2label = json.loads((staging / PYTORCH_DIR / "config.json").read_text())["id2label"]
     labels = [str(id2label[str(i)]).upper() for i in range(len(id2label))]
@@ -160,7 +192,8 @@ def _finish(
     serving["window_aggregation"], window_study = choose_window_aggregation(
         candidate, splits.validation[WHOLE_REVIEWS]
     )
-    int8_layout = choose_int8_layout(candidate, splits)
+    int8 = choose_int8_layout(candidate, splits.train, splits.validation)
+    probe = write_probe(candidate, splits.validation)
     metrics = evaluate(candidate, splits.test)
     print(f"test accuracy / macro-F1:\n{metrics_table(metrics)}", file=sys.stderr)
     for domain, per_backend in metrics.items():
@@ -170,18 +203,20 @@ def _finish(
             or fp32["max_probability_difference"] > FP32_MAX_PROBABILITY_DIFFERENCE
         ):
             raise RuntimeError(f"ONNX fp32 export disagrees with PyTorch on {domain}: {fp32}")
-    if int8_layout["test_shortfalls"] and gate_int8:
-        raise RuntimeError(
-            f"not registered: the int8 graph loses more than {100 * INT8_MAX_ACCURACY_LOSS} "
-            f"points of accuracy against fp32 on the test split of "
-            f"{int8_layout['test_shortfalls']}"
+    int8["test"] = int8_on_test(metrics)  # reported, never used to choose
+    if not int8["passed"]:
+        log.warning(
+            f"int8 fails its rule; registered all the same, served in fp32: {int8['reason']}"
         )
     metadata |= serving | {
         "data_hash": splits.fingerprint(),
         "examples": splits.sizes(),
         "metrics": metrics,
         "window_aggregation_study": window_study,
-        "int8_layout": int8_layout,
+        "int8": int8,
+        "probe": probe,
+        "built_on": describe_cpu(),
+        "export_seconds": round(time.monotonic() - started, 1),
         "command": shlex.join(["python", "-m", "models", *sys.argv[1:]]),
     }
     stored = register(name, staging, metadata)
@@ -189,8 +224,19 @@ def _finish(
         "registered model",
         tag=stored.tag,
         accuracy={d: {b: m["accuracy"] for b, m in per.items()} for d, per in metrics.items()},
+        int8_passed=int8["passed"],
     )
     return stored
+
+
+def int8_on_test(metrics: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """int8 against fp32 on the test split, per domain and pooled, from evaluate's figures."""
+    per_domain = {
+        domain: PairedComparison(**{k: backends["onnx-int8"]["against_fp32"][k] for k in PAIRED})
+        for domain, backends in metrics.items()
+    }
+    pooled = PairedComparison(*(sum(getattr(c, k) for c in per_domain.values()) for k in PAIRED))
+    return {name: c.as_dict() for name, c in (per_domain | {POOLED: pooled}).items()}
 
 
 def build(
@@ -227,7 +273,6 @@ def build(
             splits,
             {"recipe": recipe, "source": source, "training": report},
             normalize_text=True,
-            gate_int8=limit is None,  # a smoke run's test splits are too small for the rule
         )
 
 
@@ -285,6 +330,4 @@ def import_model(source: str, name: str, data_dir: Path, limit: int | None = Non
         model.save_pretrained(staging / PYTORCH_DIR)
         tokenizer.save_pretrained(staging / PYTORCH_DIR)
         # A model trained elsewhere never saw our text normalisation: it reads what it is given.
-        return _finish(
-            name, staging, splits, {"source": source}, normalize_text=False, gate_int8=limit is None
-        )
+        return _finish(name, staging, splits, {"source": source}, normalize_text=False)

@@ -24,9 +24,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kubesentiment.observability import configure_logging, get_metrics, per_request_options
 from kubesentiment.settings import BackendName, get_settings, use_local_models_only
-from runners.engine import load_engine
 from runners.model_store import StoredModel
 from runners.prediction import Prediction
+from runners.self_check import load_checked_engine
 
 settings = get_settings()
 # BentoML 1.4.40 recycles the client session between services every 100 requests, and calls
@@ -70,13 +70,16 @@ class _Runner:
         use_local_models_only()
         configure_logging()
         model = StoredModel.from_bentoml(self.model_ref)
-        self.engine = load_engine(
+        metrics = get_metrics()
+        self.engine, check = load_checked_engine(
             model,
             self.backend,
             settings.inference_threads,
             settings.max_batch_size,
-            observe_batch=get_metrics().observe_batch,
+            observe_batch=metrics.observe_batch,
+            check=settings.int8_self_check,
         )
+        metrics.observe_backend(check)
 
     @bentoml.api(
         batchable=True,

@@ -122,11 +122,28 @@ class QueueHealth(BaseModel):
     requests_in_flight: int = Field(description="Requests waiting or being scored")
 
 
+class BackendCheckInfo(BaseModel):
+    """What the start-up self-check of this worker found (runners/self_check.py)."""
+
+    requested: str = Field(description="The back end BACKEND asks for")
+    served: str = Field(description="The back end that scores texts in this worker")
+    reason: str | None = Field(None, description="Why served differs from requested")
+    probe_texts: int | None = Field(None, description="Probe texts scored; null: not checked")
+    label_flips: int | None = Field(None, description="Probe labels int8 changed against fp32")
+    max_label_flips: int | None = Field(None, description="The most the check allows")
+    mean_probability_difference: float | None = None
+    seconds: float | None = Field(None, description="What the check cost at start")
+    cpu: dict[str, Any] = Field(
+        description="The CPU this worker runs on, with the flags that matter"
+    )
+
+
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     reason: str | None = Field(None, description="Why the status is not ok")
     model_loaded: bool
-    backend: str
+    backend: str = Field(description="The back end that serves (see backend_check)")
+    backend_check: BackendCheckInfo
     model_version: str
     uptime_seconds: float
     jobs: JobLoopHealth
@@ -137,7 +154,7 @@ class ModelInfo(BaseModel):
     name: str
     tag: str
     version: str
-    backend: str
+    backend: str = Field(description="The back end that serves (see backend_check)")
     labels: list[str]
     max_length: int
     source: str | None
@@ -152,3 +169,8 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any] = Field(
         description="Per domain, per back end: accuracy, F1, confusion matrix, agreement"
     )
+    backend_check: BackendCheckInfo
+    int8: dict[str, Any] | None = Field(
+        None, description="The int8 graph's layout and its paired comparison with fp32 at build"
+    )
+    built_on: dict[str, Any] | None = Field(None, description="The CPU the model was built on")
