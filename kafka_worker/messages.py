@@ -78,11 +78,23 @@ def _parse(value: bytes | None, source: Source, max_chars: int) -> TextMessage |
             return Rejected("id_too_long")
     else:
         text, message_id = decoded, default_id
+    if not is_unicode(text):
+        return Rejected("invalid_unicode")
     if not text.strip():
         return Rejected("empty_text")
     if len(text) > max_chars:
         return Rejected("text_too_long")
     return TextMessage(message_id, text)
+
+
+def is_unicode(text: str) -> bool:
+    """False for a text with a lone surrogate (JSON's "\\ud800" decodes to one): it is no
+    Unicode text, no tokenizer can read it, and no UTF-8 can carry it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def result_value(
@@ -132,4 +144,5 @@ def dead_letter_value(
     if error is not None:
         message = str(error)[:MAX_EXCEPTION_CHARS]
         letter["exception"] = {"type": type(error).__name__, "message": message}
-    return json.dumps(letter, ensure_ascii=False).encode()
+    # An exception's message may quote a lone surrogate: written as its JSON escape, not lost.
+    return json.dumps(letter, ensure_ascii=False).encode("utf-8", errors="backslashreplace")

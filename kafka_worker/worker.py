@@ -186,30 +186,35 @@ class Worker:
         producer: AIOKafkaProducer,
         batches: dict[TopicPartition, list[ConsumerRecord]],
     ) -> bool:
-        """Process a batch; while the model fails as a whole, retry it with backoff, nothing
-        committed. False when the worker stops instead: SIGTERM, or KAFKA_MAX_FAILED_BATCHES
-        failures in a row (uncommitted, the batch goes to whoever gets its partitions)."""
+        """Process a batch; while the model fails as a whole (or the batch meets a fault that no
+        single message owns: a bug), retry it with backoff, nothing committed. The process never
+        exits on a batch's account. False when the worker stops consuming instead: SIGTERM, or
+        KAFKA_MAX_FAILED_BATCHES failures in a row (uncommitted, the batch goes to whoever gets
+        its partitions)."""
         failures, backoff = 0, 1.0
         while True:
             try:
                 async with self.batch_lock:
                     await self.process(consumer, producer, batches)
                 return True
-            except ModelFailure as err:
+            except KafkaError:
+                raise  # the brokers': run() reconnects
+            except Exception as err:  # the model's (ModelFailure), or a fault no message owns
                 failures += 1
                 self.metrics.failed_batches.inc()
                 if failures >= self.settings.kafka_max_failed_batches:
                     self.halted = (
-                        f"stopped consuming: the model failed {failures} batches in a row "
-                        f"(KAFKA_MAX_FAILED_BATCHES); {err}"
+                        f"stopped consuming: {failures} batches failed in a row "
+                        f"(KAFKA_MAX_FAILED_BATCHES); {type(err).__name__}: {err}"
                     )
-                    log.error("the model is broken", reason=self.halted)
+                    log.error("the batch cannot be processed", reason=self.halted)
                     return False
                 log.warning(
-                    "the model failed a whole batch; retrying it",
-                    error=str(err),
+                    "a whole batch failed; retrying it",
+                    error=repr(err),
                     failures=failures,
                     backoff_s=backoff,
+                    exc_info=not isinstance(err, ModelFailure),
                 )
             await self.pause(backoff)
             if self.stopping.is_set():
@@ -239,14 +244,19 @@ class Worker:
                 bad.append((record, source, message))
         good: list[tuple[ConsumerRecord, Source, TextMessage]] = []
         costs: list[int] = []
-        measured = await self.in_executor(self.windowing.costs, [m.text for _, _, m in parsed])
+        unmeasured: list[tuple[ConsumerRecord, Source, TextMessage]] = []
+        measured = await self.in_executor(self.measure_each, [m.text for _, _, m in parsed])
         for (record, source, message), cost in zip(parsed, measured, strict=True):
-            if cost > self.settings.max_text_tokens:
+            if isinstance(cost, Exception):
+                unmeasured.append((record, source, message))
+            elif cost > self.settings.max_text_tokens:
                 bad.append((record, source, Rejected("text_too_long")))
             else:
                 good.append((record, source, message))
                 costs.append(cost)
         outcomes = await self.score([m.text for _, _, m in good], costs)
+        good += unmeasured  # dead letters with their exception, as texts the engine raised on
+        outcomes += [cost for cost in measured if isinstance(cost, Exception)]
 
         acks: list[tuple[ConsumerRecord, Source, asyncio.Future[Any]]] = []
         dead_letters = [rejected.reason for _, _, rejected in bad]
@@ -281,6 +291,20 @@ class Worker:
             dead_letters=dead_letters,
             seconds=time.perf_counter() - started,
         )
+
+    def measure_each(self, texts: list[str]) -> list[int | Exception]:
+        """Tokens per text, or the exception measuring it raised: a text the tokenizer cannot
+        read costs only itself, never the batch (and never the worker)."""
+        try:
+            return list(self.windowing.costs(texts))
+        except Exception:
+            return [self.measure_one(text) for text in texts]
+
+    def measure_one(self, text: str) -> int | Exception:
+        try:
+            return self.windowing.costs([text])[0]
+        except Exception as err:
+            return err
 
     async def in_executor(self, work: Callable[[list[str]], list[T]], texts: list[str]) -> list[T]:
         """`work(texts)` in the inference thread, so that the event loop keeps heartbeats going."""

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=("default", "full", "fast", "large", "distilled"),
         default="default",
         help="default: all-MiniLM-L6-v2 (`make model`), full where the CPU has native bf16, "
-        "else fast (the embeddings and first 3 layers frozen); large: all-mpnet-base-v2 "
+        "else fast (1.3 epochs, word embeddings frozen); large: all-mpnet-base-v2 "
         "(`make model-large`, about half an hour on 2 cores); distilled: all-MiniLM-L6-v2 "
         "taught by sentiment-large (built first if missing)",
     )
@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides: dict[str, Any] = {k: v for k, v in chosen.items() if v is not None}
             if args.seed is not None:
                 overrides["seed"] = args.seed
-            config = replace(RECIPES[args.recipe], **overrides, max_steps=args.max_steps)
+            if args.max_steps is not None:
+                overrides["max_steps"] = args.max_steps
+            config = replace(RECIPES[args.recipe], **overrides)
             if distilling := _distillation_overrides(args):
                 if config.distillation is None:
                     raise ValueError(f"{', '.join(distilling)} need --recipe distilled")

@@ -38,6 +38,8 @@ SOURCE = Source("sentiment-requests", 2, 41)
         (b"\xff\xfe\x00", Rejected("not_utf8")),
         (b'{"id": "a1", "text": ', Rejected("bad_json")),
         (b'["a", "list"]', Rejected("not_an_object")),
+        # Valid JSON whose text holds a lone surrogate: no Unicode, no tokenizer reads it.
+        (b'{"id": "x", "text": "great \\ud800 film"}', Rejected("invalid_unicode")),
         (b'{"id": "a1"}', Rejected("missing_text")),
         (b'{"id": "a1", "text": 5}', Rejected("missing_text")),
         (b'{"id": "a1", "text": "  \\n "}', Rejected("empty_text")),
@@ -106,6 +108,12 @@ def test_dead_letter_keeps_the_original_payload() -> None:
     binary = json.loads(dead_letter_value(b"\xff\xfe", "not_utf8", SOURCE))
     assert base64.b64decode(binary["payload"]) == b"\xff\xfe"
     assert binary["payload_encoding"] == "base64" and binary["source"]["offset"] == 41
+
+
+def test_a_dead_letter_keeps_a_lone_surrogate_as_its_json_escape() -> None:
+    error = TypeError("cannot encode 'great \ud800 film'")
+    letter = dead_letter_value(b'{"text": "\\ud800"}', INFERENCE_ERROR, SOURCE, error)
+    assert json.loads(letter)["exception"]["message"] == "cannot encode 'great \ud800 film'"
 
 
 def test_dead_letter_of_an_inference_error_names_the_exception() -> None:

@@ -273,3 +273,27 @@ def test_an_idempotent_producer_on_a_broker_without_it_fails_fast(broker: TansuB
         worker.stop()
     assert returncode == 2
     assert "KAFKA_IDEMPOTENT_PRODUCER=false" in worker.log.read_text()
+
+
+def test_a_lone_surrogate_is_a_dead_letter_and_the_partition_goes_on(broker: TansuBroker) -> None:
+    """`{"text": "great \\ud800 film"}` is valid JSON, but its text is no Unicode: it used to
+    raise in the token count, outside every isolation, and end the worker (and every worker
+    that took the partition after it)."""
+    surrogate = b'{"id": "s%d", "text": "great \\ud800 film"}'
+    messages = [
+        (f"k{i}".encode(), surrogate % i if i % 100 == 50 else f"Film {i} was fine".encode())
+        for i in range(300)
+    ]
+    sent = asyncio.run(produce(broker.bootstrap, TOPICS[0], messages))
+    worker = WorkerProcess(broker, 9219)
+    try:
+        items = outputs(broker.bootstrap, set(sent), timeout=120)
+        assert worker.proc.poll() is None and worker.probe("/livez") == 200
+    finally:
+        assert worker.stop() == 0
+    assert sources(items) == Counter(sent)  # every input exactly once
+    letters = [i for i in items if i["_topic"] == TOPICS[2]]
+    assert sorted(i["_key"] for i in letters) == [b"k150", b"k250", b"k50"]
+    assert {i["error"] for i in letters} == {"invalid_unicode"}
+    assert json.loads(letters[0]["payload"])["text"] == "great \ud800 film"
+    assert sum(i["_topic"] == TOPICS[1] for i in items) == 297
