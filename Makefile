@@ -75,11 +75,12 @@ containerize: bento  ## the Bento as an image kubesentiment:<version> (FLAVOR=on
 test: dev-env  ## the whole test suite (what CI runs)
 	$(PY) -m pytest
 
-# Root: podman, its settings and the base image (deploy/container/setup-podman.sh), then the image
-# of a small model's Bento and the chart's pods under `podman kube play` (tests marked container).
-deploy-test: dev-env  ## build the image and run the chart's pods with podman (root; CI runs it)
+# Root: podman, its settings and the base image (deploy/container/setup-podman.sh), then the wheel
+# and the Bento of a small model installed and served (tests marked packaging), its image and the
+# chart's pods under `podman kube play` (tests marked container).
+deploy-test: dev-env  ## the wheel, the Bento, the image and the chart's pods (root; CI runs it)
 	deploy/container/setup-podman.sh
-	$(PY) -m pytest -m container
+	$(PY) -m pytest -m "packaging or container"
 
 test-fast: dev-env  ## the tests that start no server, broker, worker, venv or Bento (< 2 min)
 	$(PY) -m pytest -m "not integration"

@@ -17,8 +17,9 @@ from typing import Any
 from unittest import mock
 
 from kafka_worker import __main__ as entry
-from runners.engine import SentimentEngine, load_engine
+from runners.engine import SentimentEngine
 from runners.prediction import Prediction
+from runners.self_check import BackendCheck, load_checked_engine
 
 
 class FaultyEngine:
@@ -35,10 +36,11 @@ class FaultyEngine:
         return self.engine.predict(texts)
 
 
-def load_faulty_engine(*args: Any, **kwargs: Any) -> FaultyEngine:
-    return FaultyEngine(load_engine(*args, **kwargs))
+def load_faulty_engine(*args: Any, **kwargs: Any) -> tuple[FaultyEngine, BackendCheck]:
+    engine, check = load_checked_engine(*args, **kwargs)
+    return FaultyEngine(engine), check
 
 
 if __name__ == "__main__":
-    with mock.patch.object(entry, "load_engine", load_faulty_engine):
+    with mock.patch.object(entry, "load_checked_engine", load_faulty_engine):
         sys.exit(asyncio.run(entry.main()))

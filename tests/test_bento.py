@@ -17,6 +17,8 @@ from packaging.requirements import Requirement
 from runners.model_store import StoredModel
 from tests.conftest import ROOT, Server
 
+# Minutes each, and the artefact the image is built from: `make deploy-test` runs them.
+pytestmark = pytest.mark.packaging
 RUNTIME_TOP_LEVEL = {"service.py", "runners", "kafka_worker", "kubesentiment"}
 RUNTIME_REQUIREMENTS = ROOT / "requirements" / "runtime.txt"
 

@@ -48,8 +48,10 @@ def test_int8_rule_counts_a_loss_only_when_material_and_beyond_noise() -> None:
     assert not PairedComparison(419, 20, 14).is_loss
     # One review of 29 is 3.4 points, and no evidence at all.
     assert not PairedComparison(29, 1, 0).is_loss
-    comparisons = {"tweets": PairedComparison(419, 9, 1), "nyt": PairedComparison(488, 2, 0)}
-    assert int8_losses(comparisons) == {"tweets": 1.91}
+    # Nine lost and one gained: p = 11/1024, just short of the evidence the rule asks for.
+    assert not PairedComparison(419, 9, 1).is_loss
+    comparisons = {"tweets": PairedComparison(419, 10, 1), "nyt": PairedComparison(488, 2, 0)}
+    assert int8_losses(comparisons) == {"tweets": 2.15}
 
 
 def test_cpu_class_is_the_best_kernel_family_it_has() -> None:
@@ -96,7 +98,7 @@ def test_build_records_the_rule_the_probe_and_the_cpu(small_model: StoredModel) 
     assert set(meta["int8"]["test"]) == {*meta["metrics"], "pooled"}  # reported, per domain
     assert meta["built_on"]["class"] in ("avx2", "avx512", "avx512-vnni", "amx")
     probe = Probe.of(small_model)
-    assert probe is not None and len(probe.texts) == meta["probe"]["texts"] > 100
+    assert probe is not None and len(probe.texts) == meta["probe"]["texts"] > 50
     # The probe's fp32 figures are the fp32 graph's, here as at build.
     flips, difference = label_flips(probe, load_engine(small_model, "onnx-fp32", threads=2))
     assert flips == 0 and difference < 1e-4
@@ -114,7 +116,7 @@ def test_int8_holds_on_avx2_kernels_whatever_this_cpu_has(small_model: StoredMod
         "from runners.self_check import main; raise SystemExit(main())"
     )
     done = subprocess.run(
-        [qemu, "-cpu", "Haswell-v4", sys.executable, "-c", check, small_model.tag, "--limit", "64"],
+        [qemu, "-cpu", "Haswell-v4", sys.executable, "-c", check, small_model.tag, "--limit", "32"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -123,7 +125,7 @@ def test_int8_holds_on_avx2_kernels_whatever_this_cpu_has(small_model: StoredMod
     )
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     report = json.loads(done.stdout.splitlines()[-1])
-    assert report["passed"] and report["probe_texts"] == 64
+    assert report["passed"] and report["probe_texts"] == 32
     assert report["label_flips"] <= report["max_label_flips"]
 
 
@@ -133,12 +135,13 @@ def bad_int8(small_model: StoredModel, tmp_path_factory: pytest.TempPathFactory)
     weights are negated before quantising, so int8 and fp32 disagree on nearly every text."""
     staging = tmp_path_factory.mktemp("bad") / "model"
     shutil.copytree(small_model.path, staging)
-    graph = onnx.load(staging / "onnx" / "model.onnx")
-    (classifier,) = [i for i in graph.initializer if i.name.startswith("classifier.weight")]
+    model = onnx.load(staging / "onnx" / "model.onnx")
+    (head,) = [node for node in model.graph.node if "logits" in node.output]  # a Gemm
+    (classifier,) = [i for i in model.graph.initializer if i.name == head.input[1]]
     negated = -numpy_helper.to_array(classifier)
     classifier.CopyFrom(numpy_helper.from_array(negated.astype(np.float32), classifier.name))
     broken = staging / "broken.onnx"
-    onnx.save(graph, broken)
+    onnx.save(model, broken)
     quantize_int8(broken, 0, staging / "onnx" / "model-int8.onnx")
     broken.unlink()
     return register(BAD_INT8, staging, small_model.metadata)

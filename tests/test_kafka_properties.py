@@ -96,7 +96,7 @@ PAYLOADS = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(payloads=st.lists(PAYLOADS, min_size=1, max_size=8))
 def test_every_payload_ends_as_exactly_one_result_or_dead_letter(
     worker: Worker, payloads: list[bytes | None]

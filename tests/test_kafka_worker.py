@@ -108,7 +108,7 @@ def test_round_trip_of_good_and_bad_messages(broker: TansuBroker) -> None:
 
 
 def test_sigkill_mid_stream_loses_nothing(broker: TansuBroker) -> None:
-    sent = send_texts(broker, 6000)
+    sent = send_texts(broker, 3000)
     first = WorkerProcess(broker, 9211)
     first.wait_until(lambda: first.metric("kubesentiment_worker_produced_total") >= 500, "half way")
     first.stop(signal.SIGKILL)
