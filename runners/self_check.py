@@ -6,8 +6,8 @@ score differently on the node that serves it than on the one that built and meas
 every stored model carries a probe: a few hundred validation texts with the probabilities the
 fp32 graph gave them at build. Each process that serves int8 (an API worker, a runner service,
 a Kafka worker) scores the probe first, and serves fp32 instead when int8 changes more of its
-labels than PROBE_MAX_FLIP_RATE allows, or when the build already found int8 short of the
-accuracy rule. It says why in its log, `/api/v1/health`, `model-info` and the
+labels than it did at build, beyond a margin, or when the build already found int8 short of
+the accuracy rule. It says why in its log, `/api/v1/health`, `model-info` and the
 `kubesentiment_backend_fallback` metric (docs/model.md, "The start-up self-check").
 """
 
@@ -34,10 +34,11 @@ log = structlog.get_logger(__name__)
 
 PROBE_FILE = "probe.json"  # beside pytorch/ and onnx/ in the stored model's folder
 PROBE_TEXTS = 256
-# int8 may change at most this share of the probe's fp32 labels on the serving CPU. The models
-# built here flip 0-1% of them on every CPU class measured; a graph whose kernels saturate, or a
-# broken one, flips far more (docs/model.md).
-PROBE_MAX_FLIP_RATE = 0.03
+# On the serving CPU, int8 may change as many of the probe's fp32 labels as it did at build, and
+# this share more (at least one: a text at 0.5 falls on either side after any rounding). The
+# default model changes 5 of 256 at build (2%) and the same 5 on AVX2; a graph whose kernels
+# saturate, or a broken one, changes far more (docs/model.md, "The start-up self-check").
+PROBE_FLIP_MARGIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,10 @@ class Probe:
         return cls(**json.loads(path.read_text())) if path.exists() else None
 
 
-def max_label_flips(texts: int) -> int:
-    """PROBE_MAX_FLIP_RATE of the texts, and at least one: a text that sits at 0.5 may fall on
-    either side of it after any rounding, on any CPU."""
-    return max(1, int(PROBE_MAX_FLIP_RATE * texts))
+def max_label_flips(probe: Probe, texts: int) -> int:
+    """What the build saw on that many of the probe's texts, plus the margin."""
+    at_build = probe.int8_label_flips_at_build * texts / max(len(probe.texts), 1)
+    return int(at_build + max(1.0, PROBE_FLIP_MARGIN * texts))
 
 
 def positive_probabilities(engine: SentimentEngine, texts: list[str]) -> np.ndarray:
@@ -127,7 +128,7 @@ def load_checked_engine(
     started = time.monotonic()
     engine = load_engine(model, requested, threads, max_batch_size)  # the probe is not traffic
     flips, difference = label_flips(probe, engine)
-    allowed = max_label_flips(len(probe.texts))
+    allowed = max_label_flips(probe, len(probe.texts))
     checked = BackendCheck(
         requested,
         requested,
@@ -169,15 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{model.tag} has no probe set (built before probes existed)", file=sys.stderr)
         return 2
     n = min(args.limit or len(probe.texts), len(probe.texts))
+    allowed = max_label_flips(probe, n)
     probe = replace(probe, texts=probe.texts[:n], fp32_positive=probe.fp32_positive[:n])
     flips, difference = label_flips(probe, load_engine(model, "onnx-int8", threads=2))
     report = {
         "model": model.tag,
         "probe_texts": n,
         "label_flips": flips,
-        "max_label_flips": max_label_flips(n),
+        "max_label_flips": allowed,
         "mean_probability_difference": round(difference, 5),
-        "passed": flips <= max_label_flips(n),
+        "passed": flips <= allowed,
         "cpu": describe_cpu(),
     }
     print(json.dumps(report))

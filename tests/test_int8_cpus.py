@@ -169,7 +169,7 @@ def test_a_model_whose_int8_failed_its_rule_is_served_in_fp32(small_model: Store
 
 
 def test_api_and_worker_say_they_serve_fp32_and_why(bad_int8: StoredModel) -> None:
-    server = Server("service:Sentiment", 3225, MODEL_NAME=BAD_INT8).start()
+    server = Server("service:Sentiment", 3237, MODEL_NAME=BAD_INT8).start()
     try:
         health = httpx.get(f"{server.url}/api/v1/health").json()
         info = httpx.get(f"{server.url}/api/v1/model-info").json()
