@@ -58,6 +58,22 @@ def send_texts(broker: TansuBroker, n: int, start: int = 0) -> list[tuple[int, i
     return asyncio.run(produce(broker.bootstrap, TOPICS[0], messages))
 
 
+def score_alive(
+    broker: TansuBroker, messages: list[tuple[bytes, bytes]], port: int, timeout: float
+) -> list[dict]:
+    """Send the messages, let one worker score them all, and check that it is still up and
+    ready after the last one and that every input came out exactly once; the outputs."""
+    sent = asyncio.run(produce(broker.bootstrap, TOPICS[0], messages))
+    worker = WorkerProcess(broker, port)
+    try:
+        items = outputs(broker.bootstrap, set(sent), timeout)
+        assert worker.proc.poll() is None and worker.probe("/readyz") == 200
+    finally:
+        assert worker.stop() == 0
+    assert sources(items) == Counter(sent)  # every input exactly once, nothing lost
+    return items
+
+
 def test_round_trip_of_good_and_bad_messages(broker: TansuBroker) -> None:
     good = [
         (f"k{i}".encode(), json.dumps({"id": f"id-{i}", "text": f"Movie {i} was great"}).encode())
@@ -211,14 +227,7 @@ def test_hostile_messages_are_dead_lettered_and_the_worker_scores_everything_els
     }
     for n, item in enumerate(hostile.items()):
         messages.insert(300 + 400 * n, item)
-    sent = asyncio.run(produce(broker.bootstrap, TOPICS[0], messages))
-    worker = WorkerProcess(broker, 9216)
-    try:
-        items = outputs(broker.bootstrap, set(sent), timeout=240)
-        assert worker.proc.poll() is None and worker.probe("/readyz") == 200
-    finally:
-        assert worker.stop() == 0
-    assert sources(items) == Counter(sent)  # every input exactly once, nothing lost
+    items = score_alive(broker, messages, 9216, timeout=240)
     letters = {i["_key"]: i for i in items if i["_topic"] == TOPICS[2]}
     assert {key: letter["error"] for key, letter in letters.items()} == {
         b"deep": "bad_json",
@@ -284,14 +293,7 @@ def test_a_lone_surrogate_is_a_dead_letter_and_the_partition_goes_on(broker: Tan
         (f"k{i}".encode(), surrogate % i if i % 100 == 50 else f"Film {i} was fine".encode())
         for i in range(300)
     ]
-    sent = asyncio.run(produce(broker.bootstrap, TOPICS[0], messages))
-    worker = WorkerProcess(broker, 9219)
-    try:
-        items = outputs(broker.bootstrap, set(sent), timeout=120)
-        assert worker.proc.poll() is None and worker.probe("/livez") == 200
-    finally:
-        assert worker.stop() == 0
-    assert sources(items) == Counter(sent)  # every input exactly once
+    items = score_alive(broker, messages, 9219, timeout=120)
     letters = [i for i in items if i["_topic"] == TOPICS[2]]
     assert sorted(i["_key"] for i in letters) == [b"k150", b"k250", b"k50"]
     assert {i["error"] for i in letters} == {"invalid_unicode"}
