@@ -158,7 +158,7 @@ def write_probe(candidate: StoredModel, validation: dict[str, list[Example]]) ->
     sample of validation sentences with their fp32 probabilities, written into the model."""
     pool = [e.text for d, examples in validation.items() if d != WHOLE_REVIEWS for e in examples]
     texts = random.Random(PROBE_SEED).sample(pool, min(PROBE_TEXTS, len(pool)))
-    fp32 = self_check.positive_probabilities(load_engine(candidate, "onnx-fp32", 2), texts)
+    fp32 = self_check.positive_scores(load_engine(candidate, "onnx-fp32", 2), texts)
     probe = Probe(texts, [round(float(p), 6) for p in fp32], 0)
     flips, difference = self_check.label_flips(probe, load_engine(candidate, "onnx-int8", 2))
     probe = replace(probe, int8_label_flips_at_build=flips)

@@ -63,13 +63,10 @@ def max_label_flips(probe: Probe, texts: int) -> int:
     return int(at_build + max(1.0, PROBE_FLIP_MARGIN * texts))
 
 
-def positive_probabilities(engine: SentimentEngine, texts: list[str]) -> np.ndarray:
-    positive = engine.labels.index("POSITIVE")
-    windows, owners = engine.windows(texts)
-    lengths = [len(w.ids) for w in windows]
-    folded = engine.fold(engine.probabilities(windows), lengths, owners, len(texts))
+def positive_scores(engine: SentimentEngine, texts: list[str]) -> np.ndarray:
+    """Each text's probability of POSITIVE."""
     return np.array(
-        [p.score if engine.labels.index(p.label) == positive else 1 - p.score for p in folded]
+        [p.score if p.label == "POSITIVE" else 1 - p.score for p in engine.predict(texts)]
     )
 
 
@@ -77,7 +74,7 @@ def label_flips(probe: Probe, engine: SentimentEngine) -> tuple[int, float]:
     """How many probe labels the engine changes against fp32, and the mean |difference| of the
     probabilities."""
     reference = np.array(probe.fp32_positive)
-    scored = positive_probabilities(engine, probe.texts)
+    scored = positive_scores(engine, probe.texts)
     flips = int(np.sum((scored >= 0.5) != (reference >= 0.5)))
     return flips, float(np.mean(np.abs(scored - reference)))
 

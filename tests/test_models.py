@@ -489,7 +489,7 @@ def test_distilled_build_teaches_a_student_from_a_cached_teacher(
     shutil.copy(data_dir / SDIST, tmp_path / "data" / SDIST)
     env = {"BENTOML_HOME": str(tmp_path / "store"), "DATA_DIR": str(tmp_path / "data")}
     args = ["--limit", "300", "--name", "student", "build", "--recipe", "distilled"]
-    args += ["--teacher", "sentiment", "--max-steps", "5"]
+    args += ["--teacher", "sentiment", "--max-steps", "3"]
 
     first = run_cli_with(env, *args)
     assert first.returncode == 0, first.stderr

@@ -296,7 +296,7 @@ def test_batch_job_survives_a_restart(small_model: StoredModel, tmp_path: Path) 
     (3 s here) runs out; then the restarted service takes it over."""
     db = tmp_path / "jobs.db"
     first = Server("service:Sentiment", 3212, JOBS_DB=str(db), JOB_LEASE="3s").start()
-    texts = [f"{TEXTS[i % 4]} [{i}]" for i in range(6_000)]
+    texts = [f"{TEXTS[i % 4]} [{i}]" for i in range(3_000)]
     job = post(first, "/api/v1/batch/predict", {"texts": texts}).json()
     while httpx.get(f"{first.url}/api/v1/batch/status/{job['job_id']}").json()["processed"] == 0:
         time.sleep(0.05)
@@ -304,17 +304,17 @@ def test_batch_job_survives_a_restart(small_model: StoredModel, tmp_path: Path) 
     second = Server("service:Sentiment", 3212, JOBS_DB=str(db), JOB_LEASE="3s").start()
     try:
         resumed = httpx.get(f"{second.url}/api/v1/batch/status/{job['job_id']}").json()
-        assert 0 < resumed["processed"] < 6_000, "the job should be caught half way"
+        assert 0 < resumed["processed"] < 3_000, "the job should be caught half way"
         status = wait_for_job(second, job["job_id"], timeout=300)
-        assert status["status"] == "completed" and status["processed"] == 6_000
+        assert status["status"] == "completed" and status["processed"] == 3_000
         indices: list[int] = []
-        for offset in range(0, 6_000, 5_000):
+        for offset in range(0, 3_000, 5_000):
             page = httpx.get(
                 f"{second.url}/api/v1/batch/results/{job['job_id']}",
                 params={"offset": offset, "limit": 5_000},
             ).json()
             indices += [x["index"] for x in page["results"]]
-        assert indices == list(range(6_000))
+        assert indices == list(range(3_000))
     finally:
         second.stop()
 
