@@ -187,9 +187,7 @@ def smooth_outlier_channels(fp32: Path, out: Path, calibration: Calibration) -> 
     return out
 
 
-def quantize_int8(
-    smoothed: Path, fp32_feed_forward_layers: int, int8: Path, reduce_range: bool = REDUCE_RANGE
-) -> Path:
+def quantize_int8(smoothed: Path, fp32_feed_forward_layers: int, int8: Path) -> Path:
     """Dynamic int8 of the weight MatMuls of a smoothed graph (`smooth_outlier_channels`), with
     per-channel weights; the first layers' feed-forward MatMuls stay fp32 as asked."""
     quantize_dynamic(
@@ -197,7 +195,7 @@ def quantize_int8(
         int8,
         weight_type=QuantType.QInt8,
         per_channel=True,
-        reduce_range=reduce_range,
+        reduce_range=REDUCE_RANGE,
         op_types_to_quantize=["MatMul"],
         nodes_to_exclude=early_feed_forward_matmuls(onnx.load(smoothed), fp32_feed_forward_layers),
         extra_options={
